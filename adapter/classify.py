@@ -1,0 +1,106 @@
+"""cells/µL + age + profile -> grade. Pure: no I/O, no clock (CONTRACT §5, DOMAIN.md §3)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from adapter.mappings import Band, Thresholds
+from adapter.model import AgeBand, Classification, Count, Grade, Patient, Quarantine, Reason
+
+NEONATE_DAYS = 14
+AGE_UNKNOWN_NOTE = "age unknown: adult thresholds"
+
+
+def age_band(birth_date: date | None, effective: date, pediatric: bool = True) -> AgeBand:
+    """Age at the Observation's effective date; the 2-week and 1-year birthdays belong to the older band."""
+    if birth_date is None:
+        return AgeBand.UNKNOWN
+    if not pediatric:
+        return AgeBand.ADULT
+    if effective >= _first_birthday(birth_date):
+        return AgeBand.ADULT
+    if effective >= birth_date + timedelta(days=NEONATE_DAYS):
+        return AgeBand.INFANT
+    return AgeBand.NEONATE
+
+
+def patient_age_band(patient: Patient | None, effective: date, pediatric: bool = True) -> AgeBand:
+    """A partial birthDate gives a band only when every birth date it allows gives the same one."""
+    if patient is None:
+        return AgeBand.UNKNOWN
+    youngest = age_band(patient.born_latest, effective, pediatric)
+    oldest = age_band(patient.born_earliest, effective, pediatric)
+    return youngest if youngest == oldest else AgeBand.UNKNOWN
+
+
+def classify(
+    count: Count,
+    band: AgeBand,
+    profile: str,
+    thresholds: Thresholds,
+    lln_per_ul: float,
+) -> Classification | Quarantine:
+    """Grade one count. `lln_per_ul` is only used by the ctcae-v5 profile (grade 1 below the LLN)."""
+    notes: list[str] = []
+    if profile == "ctcae-v5":
+        grades = _ctcae_band(thresholds.ctcae, lln_per_ul)
+        normal = Grade.CTCAE_0
+    else:
+        population = {AgeBand.NEONATE: thresholds.neonate, AgeBand.INFANT: thresholds.infant}
+        chosen = population.get(band, thresholds.adult)
+        grades = tuple((Grade(name), bound) for name, bound in chosen.bounds)
+        normal = Grade.NORMAL
+        if chosen.note:
+            notes.append(chosen.note)
+    if band is AgeBand.UNKNOWN:
+        notes.append(AGE_UNKNOWN_NOTE)
+    graded = _grade_range(count, grades, normal)
+    if isinstance(graded, Quarantine):
+        return graded
+    grade, at_least = graded
+    return Classification(grade=grade, at_least=at_least, age_band=band, notes=tuple(notes))
+
+
+def _ctcae_band(ctcae: Band, lln_per_ul: float) -> tuple[tuple[Grade, float], ...]:
+    grades = tuple((Grade(name), bound) for name, bound in ctcae.bounds)
+    # CTCAE grade 1 is "< LLN - 1500": it exists only when the LLN lies above grade 2's bound.
+    if lln_per_ul > grades[-1][1]:
+        grades += ((Grade.CTCAE_1, lln_per_ul),)
+    return grades
+
+
+def _grade_at(value: float, grades: tuple[tuple[Grade, float], ...], normal: Grade, below_only: bool) -> Grade:
+    """Grade of `value`, or with below_only the grade of values just below it (the sup of [0, value))."""
+    for grade, bound in grades:
+        if value < bound or (below_only and value <= bound):
+            return grade
+    return normal
+
+
+def _grade_range(
+    count: Count, grades: tuple[tuple[Grade, float], ...], normal: Grade
+) -> tuple[Grade, bool] | Quarantine:
+    """CONTRACT §5 comparators: grade the whole range of values the result allows."""
+    value, comparator = count.anc_per_ul, count.comparator
+    if comparator == "":
+        return _grade_at(value, grades, normal, below_only=False), False
+    if comparator in (">", ">="):
+        normal_from = grades[-1][1]
+        if value >= normal_from:
+            return normal, False
+        return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"'{comparator}' below the normal bound")
+    # '<V' is [0, V), '<=V' is [0, V]; counts are never negative, so the most severe end is the grade of 0.
+    least_severe = _grade_at(value, grades, normal, below_only=(comparator == "<"))
+    most_severe = _grade_at(0.0, grades, normal, below_only=False)
+    if least_severe == most_severe:
+        return least_severe, False
+    if not least_severe.abnormal:
+        return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"'{comparator}' range spans normal and abnormal")
+    return least_severe, True
+
+
+def _first_birthday(birth_date: date) -> date:
+    try:
+        return birth_date.replace(year=birth_date.year + 1)
+    except ValueError:  # born on 29 February: the first birthday is taken as 1 March
+        return date(birth_date.year + 1, 3, 1)

@@ -1,0 +1,261 @@
+"""Parse arguments, load config, run, map exceptions to exit codes (CONTRACT §1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import requests
+
+from adapter import config as config_module
+from adapter import mappings as mappings_module
+from adapter import state as state_module
+from adapter.config import Config
+from adapter.errors import AdapterError, ConfigError, ExitCode
+from adapter.fhir import auth
+from adapter.fhir.client import FhirClient
+from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
+from adapter.state import State
+
+log = logging.getLogger("adapter")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    run_id = uuid.uuid4().hex[:12]
+    from adapter import logs
+
+    logs.setup(args.log_format, args.log_level, run_id)
+    try:
+        return int(args.handler(args, run_id))
+    except AdapterError as exc:
+        log.error(str(exc), extra={"event": "error", "error_type": type(exc).__name__,
+                                   "exit_code": int(exc.exit_code)})
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted", extra={"event": "interrupted"})
+        return int(ExitCode.INTERNAL)
+    except Exception as exc:  # a bug: say what kind, never dump the data it was holding
+        log.error("internal error", extra={"event": "internal-error", "error_type": type(exc).__name__},
+                  exc_info=args.log_level.upper() == "DEBUG")
+        return int(ExitCode.INTERNAL)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config (else $ANC_ADAPTER_CONFIG, else config/adapter.toml)")
+    common.add_argument("--fhir-url", help="FHIR base URL; overrides [fhir] base_url")
+    common.add_argument("--state", help="state file; overrides [state] path")
+    common.add_argument("--log-format", choices=("json", "text"), help="default: json unless stderr is a TTY")
+    common.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    common.add_argument("--metrics-file", help="write Prometheus text metrics here at the end of a run")
+
+    parser = argparse.ArgumentParser(prog="anc-adapter", description=__doc__, parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", parents=[common], help="one incremental pass (for cron)")
+    run.add_argument("--dry-run", action="store_true", help="read and classify; print what would be written")
+    run.add_argument("--since", type=_instant, help="backfill window start (ISO 8601); keeps the watermark")
+    run.add_argument("--until", type=_instant, help="backfill window end (ISO 8601)")
+    run.add_argument("--max-duration", type=float, metavar="SECONDS",
+                     help="stop cleanly (state committed) after this long, before the next cron tick")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("check", parents=[common], help="config, reachability, auth, capabilities")
+    check.set_defaults(handler=_cmd_check)
+
+    status = commands.add_parser("status", parents=[common], help="watermark, last runs, quarantine")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_cmd_status)
+
+    quarantine = commands.add_parser("quarantine", parents=[common], help="work the quarantine by hand")
+    quarantine.add_argument("action", choices=("list", "retry", "discard"))
+    quarantine.add_argument("ids", nargs="*", metavar="ID")
+    quarantine.set_defaults(handler=_cmd_quarantine)
+
+    demo = commands.add_parser("demo", parents=[common], help="one run against a local server with samples")
+    demo.set_defaults(handler=_cmd_demo)
+
+    show = commands.add_parser("config", parents=[common], help="print the effective config")
+    show.add_argument("--show", action="store_true", required=True)
+    show.set_defaults(handler=_cmd_config)
+    return parser
+
+
+def _instant(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date-time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    loaded = config_module.load(config_module.resolve_path(args.config))
+    return loaded.with_overrides(
+        fhir={"base_url": args.fhir_url} if args.fhir_url else {},
+        state={"path": args.state} if args.state else {},
+    )
+
+
+def _client(config: Config) -> FhirClient:
+    if not config.fhir.base_url:
+        raise ConfigError("fhir.base_url: not set; give it in the config or with --fhir-url")
+    session = requests.Session()
+    session.auth = auth.build(config.auth)
+    session.verify = config.fhir.verify
+    if config.fhir.client_cert:
+        session.cert = (config.fhir.client_cert, config.fhir.client_key) if config.fhir.client_key \
+            else config.fhir.client_cert
+    return FhirClient(config.fhir.base_url, session, timeout_s=config.fhir.timeout_s,
+                      max_pages=config.fhir.max_pages)
+
+
+def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
+    config = _config(args)
+    if args.until and not args.since:
+        raise ConfigError("--until needs --since")
+    code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
+                       window=Window(args.since, args.until), max_duration_s=args.max_duration)
+    return code
+
+
+def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = False,
+             window: Window = Window(), max_duration_s: float | None = None,
+             collect_rows: bool = False, out: Any = None) -> tuple[int, Summary | None]:
+    mappings = mappings_module.load(config.mappings.path)
+    client = _client(config)
+    with state_module.locked(state_path):
+        state = State.open(state_path)
+        started = _now()
+        if dry_run:
+            sink: Any = DryRunSink()
+            work_state = state.scratch_copy()
+        else:
+            sink = ServerSink(client, _output(config))
+            work_state = state
+            state.start_run(run_id, started, "backfill" if window.backfill else "live")
+        run = Run(config, mappings, client, work_state, sink, max_duration_s=max_duration_s,
+                  collect_rows=collect_rows)
+        try:
+            summary = run.execute(window)
+        except AdapterError as exc:
+            if not dry_run:
+                state.finish_run(run_id, _now(), int(exc.exit_code), run.summary.as_dict())
+            raise
+        if dry_run:
+            for planned in sink.planned:
+                (out or sys.stdout).write(json.dumps(planned.resource, ensure_ascii=False) + "\n")
+        else:
+            state.finish_run(run_id, _now(), 0, summary.as_dict())
+        log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "summary": summary.as_dict()})
+        return int(ExitCode.OK), summary
+
+
+def _output(config: Config) -> Any:
+    from adapter.writeback import Output
+
+    return Output(system_base=config.output.system_base.rstrip("/"), profile=config.classify.profile,
+                  resources=config.output.resources,
+                  risk_assessment_for_normal=config.output.risk_assessment_for_normal)
+
+
+def _cmd_check(args: argparse.Namespace, run_id: str) -> int:
+    from adapter.fhir import capability
+
+    config = _config(args)
+    mappings_module.load(config.mappings.path)
+    report = capability.check(_client(config), config)
+    sys.stdout.write(report.render())
+    return int(report.exit_code)
+
+
+def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
+    config = _config(args)
+    path = Path(config.state.path)
+    if not path.exists():
+        raise ConfigError(f"state.path: {path} does not exist yet (no run has used it)")
+    state = State.open(path)
+    watermark = state.watermark()
+    age_s = None
+    if watermark:
+        age_s = round((datetime.now(timezone.utc) - datetime.fromisoformat(watermark)).total_seconds())
+    report = {
+        "watermark": watermark,
+        "watermark_age_s": age_s,
+        "observations": state.counts_by_outcome(),
+        "written": state.written_counts(),
+        "last_runs": state.last_runs(10),
+        "quarantine": [vars(q) for q in state.quarantined()],
+    }
+    if args.json or not sys.stdout.isatty():
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    out = sys.stdout
+    out.write(f"watermark: {watermark or '-'} (age {age_s if age_s is not None else '-'} s)\n")
+    out.write(f"observations: {report['observations']}\nwritten: {report['written']}\n\nlast runs:\n")
+    for r in report["last_runs"]:
+        s = r["summary"] or {}
+        out.write(f"  {r['started']}  {r['mode']:<8} exit={r['exit_code']}  read={s.get('observations_read')}"
+                  f" quarantined={s.get('quarantined')} created={s.get('created')} updated={s.get('updated')}\n")
+    out.write(f"\nquarantine ({len(report['quarantine'])}):\n")
+    for q in report["quarantine"]:
+        out.write(f"  Observation/{q['observation_id']} v{q['version']}  {q['reason']}  {q['detail']}"
+                  f"  first seen {q['first_seen']}\n")
+    return 0
+
+
+def _cmd_quarantine(args: argparse.Namespace, run_id: str) -> int:
+    config = _config(args)
+    path = Path(config.state.path)
+    if args.action == "retry":
+        # A run retries every quarantined Observation first; with no new data it is exactly a retry.
+        code, summary = run_once(config, path, run_id)
+        return code
+    with state_module.locked(path):
+        state = State.open(path)
+        if args.action == "list":
+            entries = state.quarantined(args.ids or None)
+            for q in entries:
+                sys.stdout.write(json.dumps(vars(q)) + "\n")
+            return 0
+        if not args.ids:
+            raise ConfigError("quarantine discard: name the Observation ids to discard")
+        with state.transaction():
+            missing = [i for i in args.ids if not state.discard_quarantined(i, _now())]
+        if missing:
+            raise ConfigError(f"quarantine discard: not quarantined: {', '.join(missing)}")
+        return 0
+
+
+def _cmd_demo(args: argparse.Namespace, run_id: str) -> int:
+    from adapter import demo
+
+    base = config_module.load(None)
+
+    def run_demo(base_url: str, state_path: Path) -> tuple[int, Summary | None]:
+        config = base.with_overrides(fhir={"base_url": base_url}, state={"path": str(state_path)})
+        return run_once(config, state_path, f"{run_id}-{uuid.uuid4().hex[:4]}", collect_rows=True)
+
+    return demo.main(sys.stdout, run_demo, base.output.system_base.rstrip("/") + "/tag")
+
+
+def _cmd_config(args: argparse.Namespace, run_id: str) -> int:
+    config = _config(args)
+    sys.stdout.write(json.dumps(config_module.as_dict(config), indent=2) + "\n")
+    return 0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

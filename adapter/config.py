@@ -1,0 +1,218 @@
+"""TOML configuration -> frozen dataclasses (CONTRACT §2). Every key has a default; an unknown key or a
+wrong type is a ConfigError that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from adapter.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/adapter.toml")
+AUTH_TYPES = ("none", "basic", "bearer", "client_credentials", "smart_backend")
+PROFILES = ("clinical", "ctcae-v5")
+OUTPUT_RESOURCES = ("Flag", "RiskAssessment")
+
+
+@dataclass(frozen=True)
+class FhirConfig:
+    base_url: str = ""
+    timeout_s: float = 30.0
+    verify: bool | str = True
+    client_cert: str = ""
+    client_key: str = ""
+    page_size: int = 200
+    max_pages: int = 10_000  # a guard against servers whose `next` never ends
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    type: str = "none"
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    token_env: str = ""
+    token_file: str = ""
+    client_id: str = ""
+    client_secret_env: str = ""
+    client_secret_file: str = ""
+    private_key_file: str = ""
+    kid: str = ""
+    token_url: str = ""
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    lookback_first_run: str = "P7D"
+    overlap: str = "PT5M"
+    statuses: tuple[str, ...] = ("final", "amended", "corrected")
+
+    @property
+    def lookback(self) -> timedelta:
+        return parse_duration(self.lookback_first_run, "poll.lookback_first_run")
+
+    @property
+    def overlap_delta(self) -> timedelta:
+        return parse_duration(self.overlap, "poll.overlap")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    profile: str = "clinical"
+    pediatric: bool = True
+    default_lln: float = 2000.0
+    derive: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    resources: tuple[str, ...] = ("Flag",)
+    system_base: str = "https://hospital.example/fhir/anc-adapter"
+    provenance: bool = False
+    risk_assessment_for_normal: bool = False  # RiskAssessment for normal counts too (CONTRACT §6: opt-in)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: str = "state/anc-adapter.sqlite3"
+
+
+@dataclass(frozen=True)
+class MappingsConfig:
+    path: str = ""  # a site's own copy of mappings/ (loinc.toml, units.toml, thresholds.toml); "" = shipped
+
+
+@dataclass(frozen=True)
+class Config:
+    fhir: FhirConfig = field(default_factory=FhirConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    mappings: MappingsConfig = field(default_factory=MappingsConfig)
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Config:
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in sections.items()
+            if values
+        }
+        return _validated(dataclasses.replace(self, **changed))
+
+
+_DURATION = re.compile(
+    r"^P(?:(?P<weeks>\d+)W)?(?:(?P<days>\d+)D)?"
+    r"(?:T(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
+)
+
+
+def parse_duration(text: str, key: str) -> timedelta:
+    """ISO 8601 duration without years and months (their length is ambiguous): P7D, PT5M, P1DT12H."""
+    match = _DURATION.match(text)
+    if not match or text in ("P", "PT") or text.endswith("T"):
+        raise ConfigError(f"{key}: {text!r} is not an ISO 8601 duration such as 'P7D' or 'PT5M'")
+    parts = {name: float(value) for name, value in match.groupdict().items() if value}
+    return timedelta(**parts)
+
+
+def load(path: Path | None) -> Config:
+    """Read the config file; None means no file (defaults only)."""
+    if path is None:
+        return _validated(Config())
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return _validated(_build(Config, raw, ""))
+
+
+def resolve_path(explicit: str | None) -> Path | None:
+    """--config, else $ANC_ADAPTER_CONFIG, else config/adapter.toml if it exists, else no file."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get("ANC_ADAPTER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"[{prefix}] " if prefix else ""
+        raise ConfigError(f"{where}unknown key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _coerce(hint, value, key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    allowed = get_args(hint) if origin is not None else (hint,)
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind in (int, str) and type(value) is kind:
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _validated(config: Config) -> Config:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{key}: {why}")
+
+    if config.fhir.base_url and not re.match(r"^https?://", config.fhir.base_url):
+        raise bad("fhir.base_url", f"must start with http:// or https://, got {config.fhir.base_url!r}")
+    if config.fhir.timeout_s <= 0:
+        raise bad("fhir.timeout_s", "must be > 0")
+    if not 1 <= config.fhir.page_size <= 1000:
+        raise bad("fhir.page_size", "must be between 1 and 1000")
+    if config.fhir.max_pages < 1:
+        raise bad("fhir.max_pages", "must be >= 1")
+    if config.auth.type not in AUTH_TYPES:
+        raise bad("auth.type", f"must be one of {', '.join(AUTH_TYPES)}, got {config.auth.type!r}")
+    if config.classify.profile not in PROFILES:
+        raise bad("classify.profile", f"must be one of {', '.join(PROFILES)}, got {config.classify.profile!r}")
+    if config.classify.default_lln <= 0:
+        raise bad("classify.default_lln", "must be > 0 (cells/µL)")
+    unknown = sorted(set(config.output.resources) - set(OUTPUT_RESOURCES))
+    if unknown or not config.output.resources:
+        raise bad("output.resources", f"must be a non-empty list of {', '.join(OUTPUT_RESOURCES)}")
+    if not re.match(r"^https?://", config.output.system_base):
+        raise bad("output.system_base", "must be an absolute http(s) URL")
+    if not config.poll.statuses:
+        raise bad("poll.statuses", "must not be empty")
+    config.poll.lookback  # noqa: B018 - parses, raising ConfigError naming the key
+    config.poll.overlap_delta  # noqa: B018
+    return config

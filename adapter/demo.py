@@ -1,0 +1,111 @@
+"""`anc-adapter demo`: the main job on an embedded default — a local FHIR server, sample patients, one
+run, a table of results read back from the server."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+
+from adapter.localserver import sekmet
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+
+# patient id, birthDate, ANC value, unit, what it shows. Names are synthetic.
+SAMPLES: tuple[tuple[str, str | None, float, str, str], ...] = (
+    ("demo-adult-normal", "1971-03-02", 2.5, "10*3/uL", "adult, normal"),
+    ("demo-adult-mild", "1958-07-14", 1.2, "10*3/uL", "adult, mild"),
+    ("demo-adult-moderate", "1990-01-30", 800, "/uL", "adult, moderate"),
+    ("demo-adult-severe", "1949-11-05", 0.32, "10*9/L", "adult, severe"),
+    ("demo-child-mild", "2020-05-20", 1.3, "K/uL", "child 6 y, mild (lab alias K/uL)"),
+    ("demo-infant-normal", "AGE_6_MONTHS", 1.2, "10*3/uL", "infant, 1200 is normal under 1 year"),
+    ("demo-unknown-unit", "1980-02-02", 1.1, "mmol/L", "unknown unit: quarantined, not guessed"),
+)
+
+
+def sample_bundle(today: date) -> dict[str, Any]:
+    entries = []
+    effective = datetime.combine(today - timedelta(days=1), datetime.min.time(), timezone.utc) + timedelta(hours=8)
+    for number, (patient_id, born, value, unit, _) in enumerate(SAMPLES, start=1):
+        birth = (today - timedelta(days=182)).isoformat() if born == "AGE_6_MONTHS" else born
+        patient = {
+            "resourceType": "Patient", "id": patient_id,
+            "name": [{"family": f"Sample{number}", "given": ["Demo"]}], "birthDate": birth,
+        }
+        quantity: dict[str, Any] = {"value": value, "unit": unit}
+        if unit.startswith(("10*", "/")):
+            quantity.update(system=UCUM, code=unit)
+        observation = {
+            "resourceType": "Observation", "id": f"anc-{patient_id}", "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "laboratory"}]}],
+            "code": {"coding": [{"system": LOINC, "code": "751-8",
+                                 "display": "Neutrophils [#/volume] in Blood by Automated count"}]},
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "effectiveDateTime": effective.isoformat().replace("+00:00", "Z"),
+            "valueQuantity": quantity,
+        }
+        for resource in (patient, observation):
+            entries.append({
+                "resource": resource,
+                "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
+            })
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def load(base_url: str, bundle: dict[str, Any]) -> None:
+    response = requests.post(base_url, json=bundle, timeout=60,
+                             headers={"Content-Type": "application/fhir+json"})
+    response.raise_for_status()
+
+
+def main(out: TextIO, run_once: Any, tag_system: str) -> int:
+    """`run_once(base_url, state_path)` runs one pass and returns (exit code, summary)."""
+    out.write("Starting the local FHIR server (Sekmet, loopback, in-memory) ...\n")
+    with sekmet() as base_url, tempfile.TemporaryDirectory(prefix="anc-demo-") as workdir:
+        load(base_url, sample_bundle(datetime.now(timezone.utc).date()))
+        out.write(f"Loaded {len(SAMPLES)} sample patients with one ANC each into {base_url}\n\n")
+        state_path = Path(workdir, "state.sqlite3")
+        code, summary = run_once(base_url, state_path)
+        flags = _our_flags(base_url, tag_system)
+        _table(out, summary.rows if summary else [], flags)
+        if summary:
+            out.write("\nRun summary: " + ", ".join(f"{k}={v}" for k, v in summary.as_dict().items()) + "\n")
+        out.write(f"Flags on the server with our tag, read back: {len(flags)}\n")
+        if code != 0:
+            return code
+        code, again = run_once(base_url, state_path)
+        if again:
+            out.write(f"Second run (idempotence): read={again.observations_read} created={again.created} "
+                      f"updated={again.updated}; Flags on the server: {len(_our_flags(base_url, tag_system))}\n")
+        return code
+
+
+def _our_flags(base_url: str, tag_system: str) -> dict[str, dict[str, Any]]:
+    params = {"_count": 100, "_tag": f"{tag_system}|anc-adapter"}
+    bundle = requests.get(f"{base_url}/Flag", params=params, timeout=30).json()
+    flags = {}
+    for entry in bundle.get("entry", []):
+        flag = entry["resource"]
+        patient_id = flag["subject"]["reference"].split("/")[-1]
+        flags[patient_id] = flag
+    return flags
+
+
+def _table(out: TextIO, rows: list[dict[str, Any]], flags: dict[str, dict[str, Any]]) -> None:
+    by_patient = {row["patient_id"]: row for row in rows}
+    header = f"{'patient':<22} {'ANC cells/µL':>13}  {'grade':<18} {'written to the server':<40}  sample"
+    out.write(header + "\n" + "-" * len(header) + "\n")
+    for patient_id, _, _, _, what in SAMPLES:
+        row = by_patient.get(patient_id)
+        flag = flags.get(patient_id)
+        written = f"Flag/{flag['id']} {flag['status']}" if flag else "-"
+        if row is None:
+            out.write(f"{patient_id:<22} {'-':>13}  {'quarantined':<18} {written:<40}  {what}\n")
+            continue
+        grade = row["grade"] + (" (age band " + row["age_band"] + ")" if row["age_band"] != "adult" else "")
+        out.write(f"{patient_id:<22} {row['anc_per_ul']:>13}  {grade:<18} {written:<40}  {what}\n")

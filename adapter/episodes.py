@@ -1,0 +1,46 @@
+"""A patient's classified counts -> neutropenia episodes, by effective time (never arrival order). Pure.
+
+An episode opens on the first abnormal count after a normal one (or the first count ever), follows the
+grade of its latest abnormal count, and closes on the next normal count (CONTRACT §6 Flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from adapter.model import Classification, Reading
+
+Graded = tuple[Reading, Classification]
+
+
+@dataclass(frozen=True)
+class Episode:
+    ordinal: int  # 1 = the patient's first episode we know of
+    first: Graded  # the abnormal count that opened it
+    latest: Graded  # the latest abnormal count: the grade the Flag shows
+    closed_by: Graded | None  # the normal count that closed it; None while it is open
+
+    @property
+    def start(self) -> datetime:
+        return self.first[0].effective
+
+    @property
+    def end(self) -> datetime | None:
+        return self.closed_by[0].effective if self.closed_by else None
+
+
+def episodes(readings: list[Graded]) -> list[Episode]:
+    ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
+    found: list[Episode] = []
+    first: Graded | None = None
+    latest: Graded | None = None
+    for graded in ordered:
+        if graded[1].grade.abnormal:
+            first = first or graded
+            latest = graded
+        elif first is not None and latest is not None:
+            found.append(Episode(len(found) + 1, first, latest, closed_by=graded))
+            first = latest = None
+    if first is not None and latest is not None:
+        found.append(Episode(len(found) + 1, first, latest, closed_by=None))
+    return found

@@ -1,0 +1,179 @@
+"""Raw Observation / Patient JSON -> the few fields we need, with explicit checks (liberal reading).
+
+Full model validation of every resource read would cost ~270 µs each (DOMAIN.md §7) and would reject an
+Observation over an unrelated odd element; we check exactly the fields we use instead."""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import Any, Mapping
+
+from adapter import units
+from adapter.mappings import Mappings
+from adapter.model import Patient, Quarantine, Reading, Reason
+
+WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Identity of one Observation version, whatever became of it."""
+
+    observation_id: str
+    version: str
+    status: str
+    last_updated: str  # the server's meta.lastUpdated, as sent
+    patient_id: str  # "" when the subject is missing or not a Patient
+
+
+@dataclass(frozen=True)
+class Extracted:
+    seen: Seen
+    outcome: Reading | Quarantine | None  # None: withdrawn, or not for us (status/code)
+
+
+def observation(resource: Mapping[str, Any], mappings: Mappings, statuses: tuple[str, ...]) -> Extracted | None:
+    """None when the resource is not an identifiable Observation at all (counted as malformed)."""
+    if resource.get("resourceType") != "Observation" or not _is_id(resource.get("id")):
+        return None
+    meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
+    status = resource.get("status") if isinstance(resource.get("status"), str) else ""
+    seen = Seen(
+        observation_id=resource["id"],
+        version=str(meta.get("versionId") or meta.get("lastUpdated") or "0"),
+        status=status,
+        last_updated=str(meta.get("lastUpdated") or ""),
+        patient_id=_patient_id(resource.get("subject")) or "",
+    )
+    if status in WITHDRAWN_STATUSES or status not in statuses or not _has_code(resource, mappings):
+        return Extracted(seen, None)
+    return Extracted(seen, _reading(resource, seen, mappings))
+
+
+def _reading(resource: Mapping[str, Any], seen: Seen, mappings: Mappings) -> Reading | Quarantine:
+    if not seen.patient_id:
+        return Quarantine(Reason.NO_SUBJECT, "subject is missing or not a Patient reference")
+    effective = effective_time(resource)
+    if isinstance(effective, Quarantine):
+        return effective
+    quantity = resource.get("valueQuantity")
+    if quantity is None:
+        detail = "dataAbsentReason" if "dataAbsentReason" in resource else "no valueQuantity"
+        return Quarantine(Reason.NO_VALUE, detail)
+    count = units.normalise(quantity, mappings.unit_aliases, mappings.thresholds.max_anc_per_ul)
+    if isinstance(count, Quarantine):
+        return count
+    return Reading(
+        observation_id=seen.observation_id,
+        version=seen.version,
+        status=seen.status,
+        patient_id=seen.patient_id,
+        effective=effective,
+        count=count,
+        lln_per_ul=_reference_low(resource, mappings),
+    )
+
+
+def effective_time(resource: Mapping[str, Any]) -> datetime | Quarantine:
+    """effectiveDateTime, effectiveInstant or effectivePeriod.start, else issued (CONTRACT §3)."""
+    period = resource.get("effectivePeriod")
+    candidates = (
+        resource.get("effectiveDateTime"),
+        resource.get("effectiveInstant"),
+        period.get("start") if isinstance(period, Mapping) else None,
+        resource.get("issued"),
+    )
+    for text in candidates:
+        if text is None:
+            continue
+        parsed = parse_datetime(text)
+        if parsed is None:
+            return Quarantine(Reason.NO_EFFECTIVE_TIME, "effective time unparseable or less precise than a day")
+        return parsed
+    return Quarantine(Reason.NO_EFFECTIVE_TIME, "no effective[x] and no issued")
+
+
+_DATETIME = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})(?:T(?P<time>\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(?P<tz>Z|[+-]\d{2}:\d{2})?)?$"
+)
+
+
+def parse_datetime(text: Any) -> datetime | None:
+    """FHIR dateTime/instant at day precision or finer. A date alone is taken as 00:00 UTC that day."""
+    if not isinstance(text, str):
+        return None
+    match = _DATETIME.match(text.strip())
+    if not match:
+        return None
+    try:
+        if not match["time"]:
+            return datetime.fromisoformat(match["date"]).replace(tzinfo=timezone.utc)
+        tz = match["tz"] or "Z"
+        parsed = datetime.fromisoformat(f"{match['date']}T{match['time']}{'+00:00' if tz == 'Z' else tz}")
+    except ValueError:
+        return None
+    return parsed
+
+
+def patient(resource: Mapping[str, Any]) -> Patient | None:
+    if resource.get("resourceType") != "Patient" or not _is_id(resource.get("id")):
+        return None
+    earliest, latest = _birth_range(resource.get("birthDate"))
+    return Patient(patient_id=resource["id"], born_earliest=earliest, born_latest=latest)
+
+
+def _birth_range(text: Any) -> tuple[date | None, date | None]:
+    if not isinstance(text, str):
+        return None, None
+    try:
+        parts = [int(p) for p in text.split("-")]
+        if len(parts) == 3:
+            born = date(*parts)
+            return born, born
+        if len(parts) == 2:
+            year, month = parts
+            return date(year, month, 1), date(year, month, calendar.monthrange(year, month)[1])
+        if len(parts) == 1:
+            return date(parts[0], 1, 1), date(parts[0], 12, 31)
+    except ValueError:
+        pass
+    return None, None
+
+
+def _has_code(resource: Mapping[str, Any], mappings: Mappings) -> bool:
+    code = resource.get("code")
+    codings = code.get("coding") if isinstance(code, Mapping) else None
+    if not isinstance(codings, list):
+        return False
+    wanted = set(mappings.anc_codes)
+    return any(
+        isinstance(c, Mapping) and (c.get("system"), c.get("code")) in wanted for c in codings
+    )
+
+
+def _reference_low(resource: Mapping[str, Any], mappings: Mappings) -> float | None:
+    ranges = resource.get("referenceRange")
+    if not isinstance(ranges, list) or not ranges or not isinstance(ranges[0], Mapping):
+        return None
+    low = ranges[0].get("low")
+    if not isinstance(low, Mapping):
+        return None
+    count = units.normalise(low, mappings.unit_aliases, mappings.thresholds.max_anc_per_ul)
+    return None if isinstance(count, Quarantine) or count.comparator else count.anc_per_ul
+
+
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+def _patient_id(subject: Any) -> str | None:
+    if not isinstance(subject, Mapping) or not isinstance(subject.get("reference"), str):
+        return None
+    match = _PATIENT_REF.search(subject["reference"])
+    return match["id"] if match else None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None

@@ -1,0 +1,85 @@
+"""`anc-adapter check`: can this adapter do its job against this server? A checklist a person can read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.config import Config
+from adapter.errors import AdapterError, AuthError, ExitCode
+from adapter.fhir.client import FhirClient
+
+
+@dataclass
+class Report:
+    items: list[tuple[bool, str]] = field(default_factory=list)
+    exit_code: ExitCode = ExitCode.OK
+
+    def add(self, ok: bool, text: str) -> None:
+        self.items.append((ok, text))
+        if not ok and self.exit_code == ExitCode.OK:
+            self.exit_code = ExitCode.CONFIG
+
+    def render(self) -> str:
+        lines = [f"[{'ok' if ok else 'FAIL'}] {text}" for ok, text in self.items]
+        verdict = "ready" if self.exit_code == ExitCode.OK else f"NOT ready (exit {int(self.exit_code)})"
+        return "\n".join(lines + [verdict]) + "\n"
+
+
+def check(client: FhirClient, config: Config) -> Report:
+    report = Report()
+    report.add(True, f"config valid; server {client.base_url}; auth {config.auth.type}")
+    try:
+        statement = client.get("metadata")
+    except AuthError as exc:
+        report.add(False, f"authentication: {exc}")
+        report.exit_code = ExitCode.AUTH
+        return report
+    except AdapterError as exc:
+        report.add(False, f"server reachable: {exc}")
+        report.exit_code = ExitCode.UNREACHABLE
+        return report
+    if statement.get("resourceType") != "CapabilityStatement":
+        report.add(False, "/metadata did not return a CapabilityStatement")
+        return report
+    report.add(True, f"/metadata read (FHIR {statement.get('fhirVersion', '?')})")
+    try:
+        client.get("Observation", params={"_count": 1, "code": "http://loinc.org|751-8"})
+        report.add(True, "authenticated search: Observation?code=…")
+    except AuthError as exc:
+        report.add(False, f"authentication: {exc}")
+        report.exit_code = ExitCode.AUTH
+        return report
+    except AdapterError as exc:
+        report.add(False, f"search Observation: {exc}")
+    for ok, text in interactions(statement, config):
+        report.add(ok, text)
+    return report
+
+
+def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, str]]:
+    rest = next((r for r in statement.get("rest", []) if r.get("mode") == "server"), {})
+    resources = {r.get("type"): r for r in rest.get("resource", []) if isinstance(r, dict)}
+    system = {i.get("code") for i in rest.get("interaction", []) if isinstance(i, dict)}
+
+    def supports(kind: str, interaction: str) -> bool:
+        return interaction in {i.get("code") for i in resources.get(kind, {}).get("interaction", [])}
+
+    def params(kind: str) -> set[str]:
+        return {p.get("name") for p in resources.get(kind, {}).get("searchParam", [])}
+
+    observation_params = params("Observation")
+    results = [
+        (supports("Observation", "search-type"), "search Observation"),
+        ("code" in observation_params or not observation_params, "search Observation by code"),
+        ("_lastUpdated" in observation_params or supports("Observation", "search-type"),
+         "search Observation by _lastUpdated"),
+        (supports("Patient", "read"), "read Patient"),
+        ("transaction" in system or "batch" in system, "transaction or batch"),
+    ]
+    for kind in config.output.resources:
+        can_write = supports(kind, "create") and supports(kind, "update")
+        conditional = bool(resources.get(kind, {}).get("conditionalUpdate"))
+        results.append((can_write, f"create/update {kind}"))
+        results.append((conditional, f"conditional update {kind} by identifier"))
+    return results

@@ -1,0 +1,214 @@
+"""One requests.Session to one FHIR server: timeouts on every call, one retry policy, safe paging."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from adapter.errors import AuthError, FhirError, PermanentHttpError, TransientHttpError
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+AUTH_STATUSES = frozenset({401, 403})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    budget_s: float = 120.0  # total time one call may spend retrying
+    initial_s: float = 0.5
+    max_wait_s: float = 30.0
+
+
+class FhirClient:
+    def __init__(
+        self,
+        base_url: str,
+        session: requests.Session,
+        timeout_s: float = 30.0,
+        max_pages: int = 10_000,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+        self.timeout_s = timeout_s
+        self.max_pages = max_pages
+        self.retry = retry
+        self.requests_by_status: Counter[str] = Counter()
+        session.headers.setdefault("Accept", FHIR_JSON)
+
+    @property
+    def request_count(self) -> int:
+        return sum(self.requests_by_status.values())
+
+    def get(self, path_or_url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._call("GET", self._url(path_or_url), params=params)
+
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        """POST a transaction/batch Bundle. Retried: every entry we send is a conditional (idempotent) write."""
+        return self._call("POST", self.base_url, body=bundle)
+
+    def search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yield search result pages (Bundles), following `next` exactly as given (CONTRACT §3)."""
+        url: str | None = f"{self.base_url}/{resource_type}"
+        seen_links: set[str] = set()
+        for page_number in range(self.max_pages):
+            bundle = self._call("GET", url, params=params if page_number == 0 else None)
+            if bundle.get("resourceType") != "Bundle":
+                raise PermanentHttpError(f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
+            entries = bundle.get("entry") or []
+            if not entries:
+                return
+            yield bundle
+            url = self._next_link(bundle)
+            if url is None:
+                return
+            if url in seen_links:
+                log.warning("paging stopped: the server repeated a next link", extra={"event": "paging-loop"})
+                return
+            seen_links.add(url)
+        log.warning("paging stopped at the page cap", extra={"event": "page-cap", "pages": self.max_pages})
+
+    def _next_link(self, bundle: dict[str, Any]) -> str | None:
+        links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
+        for link in links:
+            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                resolved = urljoin(self.base_url + "/", link["url"])
+                if not _same_origin(resolved, self.base_url):
+                    # Credentials must never leave the configured server.
+                    raise PermanentHttpError("a next link points away from the configured server; refused")
+                return resolved
+        return None
+
+    def _url(self, path_or_url: str) -> str:
+        if path_or_url.startswith(("http://", "https://")):
+            if not _same_origin(path_or_url, self.base_url):
+                raise PermanentHttpError("refusing a URL on another server")
+            return path_or_url
+        return f"{self.base_url}/{path_or_url.lstrip('/')}"
+
+    def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientHttpError),
+            wait=_wait_honouring_retry_after(
+                wait_exponential_jitter(initial=self.retry.initial_s, max=self.retry.max_wait_s)
+            ),
+            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.budget_s),
+            reraise=True,
+            before_sleep=_log_retry,
+        )
+        return retrying(self._once, method, url, params, body)
+
+    def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
+        headers = {"Content-Type": FHIR_JSON} if body is not None else None
+        try:
+            response = self.session.request(
+                method, url, params=params, json=body, headers=headers, timeout=self.timeout_s
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            self.requests_by_status["error"] += 1
+            raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
+        self.requests_by_status[str(response.status_code)] += 1
+        status = response.status_code
+        if status in AUTH_STATUSES:
+            raise AuthError(f"the server refused our credentials ({status} on {method})")
+        if status in RETRY_STATUSES:
+            raise TransientHttpError(
+                f"{method} answered {status}", retry_after_s=_retry_after(response), status=status
+            )
+        if status >= 400:
+            raise PermanentHttpError(f"{method} answered {status}{_outcome_summary(response)}", status=status)
+        try:
+            parsed = response.json()
+        except (ValueError, json.JSONDecodeError):
+            # A proxy's HTML page or a body cut short: worth another try, then exit 3.
+            raise TransientHttpError(f"{method} answered {status} with a body that is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise TransientHttpError(f"{method} answered {status} with JSON that is not a resource")
+        return parsed
+
+
+def _same_origin(url: str, base: str) -> bool:
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme, a.hostname, _port(a)) == (b.scheme, b.hostname, _port(b))
+
+
+def _port(parts: Any) -> int | None:
+    try:
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds or as an HTTP-date (RFC 9110 §10.2.3)."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class _wait_honouring_retry_after:
+    """The server's Retry-After when it gave one (capped by the fallback's maximum), else the fallback."""
+
+    def __init__(self, fallback: Any, cap_s: float = 120.0):
+        self.fallback = fallback
+        self.cap_s = cap_s
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientHttpError) and exc.retry_after_s is not None:
+            return min(exc.retry_after_s, self.cap_s)
+        return self.fallback(state)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "retrying after a transient failure",
+        extra={"event": "retry", "attempt": state.attempt_number, "error": str(exc)},
+    )
+
+
+def _outcome_summary(response: requests.Response) -> str:
+    """OperationOutcome issue codes only: diagnostics may echo patient data."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    codes = [i.get("code", "?") for i in body.get("issue", []) if isinstance(i, dict)]
+    return f" (OperationOutcome: {', '.join(codes[:5])})"
+
+

@@ -1,0 +1,88 @@
+"""The query and its pages -> raw Observation dicts with their Patients (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from adapter import extract
+from adapter.errors import PermanentHttpError
+from adapter.fhir.client import FhirClient
+from adapter.mappings import Coding
+from adapter.model import Patient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Page:
+    observations: list[dict[str, Any]]
+    patients: dict[str, Patient] = field(default_factory=dict)
+    malformed: int = 0  # entries that are neither an Observation nor a Patient we can use
+
+
+def search_params(codes: tuple[Coding, ...], since: datetime | None, until: datetime | None,
+                  page_size: int) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "code": ",".join(f"{system}|{code}" for system, code in codes),
+        "_count": page_size,
+        "_include": "Observation:subject",
+        "_sort": "_lastUpdated",
+    }
+    bounds = []
+    if since is not None:
+        bounds.append(f"ge{_instant(since)}")
+    if until is not None:
+        bounds.append(f"le{_instant(until)}")
+    if bounds:
+        params["_lastUpdated"] = bounds if len(bounds) > 1 else bounds[0]
+    return params
+
+
+def pages(client: FhirClient, params: dict[str, Any]) -> Iterator[Page]:
+    for bundle in client.search("Observation", params):
+        page = Page(observations=[])
+        for entry in bundle.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            kind = resource.get("resourceType") if isinstance(resource, dict) else None
+            if kind == "Observation":
+                page.observations.append(resource)
+            elif kind == "Patient" and (patient := extract.patient(resource)):
+                page.patients[patient.patient_id] = patient
+            elif kind != "OperationOutcome":  # servers may add warnings as OperationOutcome entries
+                page.malformed += 1
+        yield page
+
+
+class Patients:
+    """Patients of this run: from _include, else one read per distinct patient, cached for the run."""
+
+    def __init__(self, client: FhirClient):
+        self.client = client
+        self._cache: dict[str, Patient | None] = {}
+
+    def add(self, patients: dict[str, Patient]) -> None:
+        self._cache.update(patients)
+
+    def get(self, patient_id: str) -> Patient | None:
+        if patient_id not in self._cache:
+            self._cache[patient_id] = self._read(patient_id)
+        return self._cache[patient_id]
+
+    def _read(self, patient_id: str) -> Patient | None:
+        try:
+            resource = self.client.get(f"Patient/{patient_id}")
+        except PermanentHttpError as exc:
+            if exc.status in (404, 410):
+                log.warning("patient not found: graded with adult thresholds",
+                            extra={"event": "patient-missing", "patient_id": patient_id})
+                return None
+            raise
+        return extract.patient(resource)
+
+
+def _instant(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,324 @@
+"""SQLite state (CONTRACT §7): watermark, ledger of Observation versions, what we wrote, quarantine, runs.
+
+Every change is made inside `transaction()`; the pipeline opens one only after the server confirmed the
+writes it records, so a crash at any point leaves state describing only what the server accepted."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from adapter.errors import ConfigError, LockHeldError
+from adapter.model import AgeBand, Classification, Count, Grade, Patient, Quarantine, Reading
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS observations (
+    observation_id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,              -- classified | quarantined | withdrawn | ignored
+    effective TEXT,
+    anc_per_ul REAL,
+    comparator TEXT,
+    lln_per_ul REAL,
+    grade TEXT,
+    at_least INTEGER,
+    age_band TEXT,
+    notes TEXT,
+    derived INTEGER NOT NULL DEFAULT 0,
+    processed_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS observations_patient ON observations (patient_id, outcome);
+CREATE TABLE IF NOT EXISTS quarantine (
+    observation_id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    resource TEXT NOT NULL              -- the Observation as read, so a mapping fix can retry it offline
+);
+CREATE TABLE IF NOT EXISTS patients (
+    patient_id TEXT PRIMARY KEY,
+    born_earliest TEXT,
+    born_latest TEXT
+);
+CREATE TABLE IF NOT EXISTS written (
+    resource_type TEXT NOT NULL,
+    identifier TEXT NOT NULL,           -- identifier.value under our system for that resource type
+    patient_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    server_id TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (resource_type, identifier)
+);
+CREATE INDEX IF NOT EXISTS written_patient ON written (patient_id, resource_type);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT,
+    mode TEXT NOT NULL,
+    exit_code INTEGER,
+    summary TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class Written:
+    resource_type: str
+    identifier: str
+    patient_id: str
+    status: str
+    content_hash: str
+    server_id: str | None
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    observation_id: str
+    version: str
+    patient_id: str
+    reason: str
+    detail: str
+    first_seen: str
+    last_seen: str
+
+
+class State:
+    def __init__(self, connection: sqlite3.Connection):
+        self.db = connection
+        self.db.row_factory = sqlite3.Row
+        self.db.executescript(_SCHEMA)
+        self._set_meta_default("schema_version", str(SCHEMA_VERSION))
+
+    @classmethod
+    def open(cls, path: Path) -> State:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state.path: cannot open {path}: {exc}") from None
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")  # a committed ledger row must survive a power cut
+        return cls(connection)
+
+    def scratch_copy(self) -> State:
+        """An in-memory copy for --dry-run: the same run, nothing persisted."""
+        memory = sqlite3.connect(":memory:", isolation_level=None)
+        self.db.backup(memory)
+        return State(memory)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- watermark -------------------------------------------------------------------------------
+    def watermark(self) -> str | None:
+        return self._meta("watermark")
+
+    def set_watermark(self, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('watermark', ?)", (value,))
+
+    # -- ledger ----------------------------------------------------------------------------------
+    def processed_version(self, observation_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT version FROM observations WHERE observation_id = ?", (observation_id,)
+        ).fetchone()
+        return row["version"] if row else None
+
+    def record_classified(self, reading: Reading, result: Classification, now: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO observations VALUES (?,?,?,?, 'classified', ?,?,?,?,?,?,?,?,?,?)",
+            (
+                reading.observation_id, reading.version, reading.status, reading.patient_id,
+                reading.effective.isoformat(), reading.count.anc_per_ul, reading.count.comparator,
+                reading.lln_per_ul, result.grade.value, int(result.at_least), result.age_band.value,
+                json.dumps(list(result.notes)), int(reading.derived), now,
+            ),
+        )
+        self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
+
+    def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
+                       outcome: str, now: str) -> None:
+        """A version that is not (or no longer) a usable reading: quarantined, withdrawn or ignored."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO observations (observation_id, version, status, patient_id, outcome,"
+            " processed_at) VALUES (?,?,?,?,?,?)",
+            (observation_id, version, status, patient_id, outcome, now),
+        )
+        if outcome != "quarantined":
+            self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (observation_id,))
+
+    def readings(self, patient_id: str) -> list[tuple[Reading, Classification]]:
+        rows = self.db.execute(
+            "SELECT * FROM observations WHERE patient_id = ? AND outcome = 'classified'", (patient_id,)
+        ).fetchall()
+        return [_reading_row(row) for row in rows]
+
+    def ever_classified(self, patient_id: str) -> bool:
+        return self.db.execute(
+            "SELECT 1 FROM observations WHERE patient_id = ? AND grade IS NOT NULL LIMIT 1", (patient_id,)
+        ).fetchone() is not None
+
+    def counts_by_outcome(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT outcome, count(*) AS n FROM observations GROUP BY outcome")
+        return {row["outcome"]: row["n"] for row in rows}
+
+    # -- quarantine ------------------------------------------------------------------------------
+    def quarantine(self, observation_id: str, version: str, patient_id: str, why: Quarantine,
+                   resource: dict[str, Any], now: str) -> None:
+        self.db.execute(
+            "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (observation_id) DO UPDATE SET"
+            " version = excluded.version, reason = excluded.reason, detail = excluded.detail,"
+            " patient_id = excluded.patient_id, last_seen = excluded.last_seen, resource = excluded.resource",
+            (observation_id, version, patient_id, why.reason.value, why.detail, now, now, json.dumps(resource)),
+        )
+        self.record_outcome(observation_id, version, str(resource.get("status", "")), patient_id,
+                            "quarantined", now)
+
+    def quarantined(self, ids: list[str] | None = None) -> list[QuarantineEntry]:
+        rows = self.db.execute(
+            "SELECT observation_id, version, patient_id, reason, detail, first_seen, last_seen"
+            " FROM quarantine ORDER BY first_seen, observation_id"
+        ).fetchall()
+        entries = [QuarantineEntry(**dict(row)) for row in rows]
+        return [e for e in entries if ids is None or e.observation_id in ids]
+
+    def quarantined_resources(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT resource FROM quarantine ORDER BY observation_id").fetchall()
+        return [json.loads(row["resource"]) for row in rows]
+
+    def discard_quarantined(self, observation_id: str, now: str) -> bool:
+        row = self.db.execute(
+            "SELECT version, patient_id FROM quarantine WHERE observation_id = ?", (observation_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        self.record_outcome(observation_id, row["version"], "discarded", row["patient_id"], "ignored", now)
+        return True
+
+    # -- patients --------------------------------------------------------------------------------
+    def remember_patient(self, patient: Patient) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO patients VALUES (?,?,?)",
+            (patient.patient_id, _iso(patient.born_earliest), _iso(patient.born_latest)),
+        )
+
+    def patient(self, patient_id: str) -> Patient | None:
+        row = self.db.execute("SELECT * FROM patients WHERE patient_id = ?", (patient_id,)).fetchone()
+        if row is None:
+            return None
+        return Patient(row["patient_id"], _date(row["born_earliest"]), _date(row["born_latest"]))
+
+    # -- what we wrote ---------------------------------------------------------------------------
+    def written(self, patient_id: str, resource_type: str) -> list[Written]:
+        rows = self.db.execute(
+            "SELECT * FROM written WHERE patient_id = ? AND resource_type = ? ORDER BY identifier",
+            (patient_id, resource_type),
+        ).fetchall()
+        return [Written(**{k: row[k] for k in row.keys() if k != "updated_at"}) for row in rows]
+
+    def record_written(self, item: Written, now: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO written VALUES (?,?,?,?,?,?,?)",
+            (item.resource_type, item.identifier, item.patient_id, item.status, item.content_hash,
+             item.server_id, now),
+        )
+
+    def written_counts(self) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT resource_type || ':' || status AS k, count(*) AS n FROM written GROUP BY k"
+        )
+        return {row["k"]: row["n"] for row in rows}
+
+    # -- runs ------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, started: str, mode: str) -> None:
+        with self.transaction():
+            self.db.execute("INSERT INTO runs (run_id, started, mode) VALUES (?,?,?)", (run_id, started, mode))
+
+    def finish_run(self, run_id: str, finished: str, exit_code: int, summary: dict[str, Any]) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE runs SET finished = ?, exit_code = ?, summary = ? WHERE run_id = ?",
+                (finished, exit_code, json.dumps(summary), run_id),
+            )
+
+    def last_runs(self, limit: int = 10) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [{**dict(row), "summary": json.loads(row["summary"] or "null")} for row in rows]
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def _set_meta_default(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """One run at a time per state file (CONTRACT §7); a second run fails at once with exit 5."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"state.path: cannot create the lock file {lock_path}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(f"another run holds the lock on {path}; nothing was done") from None
+        yield
+    finally:
+        os.close(handle)
+
+
+def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
+    reading = Reading(
+        observation_id=row["observation_id"],
+        version=row["version"],
+        status=row["status"],
+        patient_id=row["patient_id"],
+        effective=datetime.fromisoformat(row["effective"]),
+        count=Count(row["anc_per_ul"], row["comparator"] or ""),
+        lln_per_ul=row["lln_per_ul"],
+        derived=bool(row["derived"]),
+    )
+    result = Classification(
+        grade=Grade(row["grade"]),
+        at_least=bool(row["at_least"]),
+        age_band=AgeBand(row["age_band"]),
+        notes=tuple(json.loads(row["notes"] or "[]")),
+    )
+    return reading, result
+
+
+def _iso(value: date | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _date(value: str | None) -> date | None:
+    return date.fromisoformat(value) if value else None

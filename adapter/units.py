@@ -1,0 +1,92 @@
+"""Value + unit -> cells/µL, or a quarantine reason. Pure: no I/O.
+
+UCUM count-per-volume units are parsed (a small parser limited to this dimension, see README "Units");
+lab spellings that are not UCUM come from the site's alias table (mappings/units.toml)."""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from typing import Any, Mapping
+
+from adapter.model import Count, Quarantine, Reason
+
+UCUM_SYSTEM = "http://unitsofmeasure.org"
+COMPARATORS = ("<", "<=", ">=", ">")
+
+# UCUM metric prefixes that make sense in front of a volume (UCUM §2.1, table 1).
+_PREFIX = {
+    "": Fraction(1), "k": Fraction(10**3), "h": Fraction(10**2), "da": Fraction(10),
+    "d": Fraction(1, 10), "c": Fraction(1, 10**2), "m": Fraction(1, 10**3),
+    "u": Fraction(1, 10**6), "n": Fraction(1, 10**9), "p": Fraction(1, 10**12), "f": Fraction(1, 10**15),
+}
+_ANNOTATION = r"(?:\{[^{}]*\})"
+# Numerator: a product of '10*N' factors, the unity '1' and annotations; bare integers such as the '3' in
+# the typo '10.3/uL' are rejected on purpose, as is '10^N' (not UCUM; a site may alias it).
+_NUM_TERM = re.compile(rf"^(?:10\*(?P<exp>[+-]?\d{{1,2}})|1)?{_ANNOTATION}?$")
+# Denominator: exactly one volume: prefixed litre (L or l) or prefixed cubic metre (m3), maybe annotated.
+_VOLUME = re.compile(rf"^(?P<prefix>da|[khdcmunpf]?)(?:(?P<litre>[Ll])|(?P<metre>m3)){_ANNOTATION}?$")
+_MICROLITRES_PER_LITRE = Fraction(10**6)
+_MICROLITRES_PER_CUBIC_METRE = Fraction(10**9)
+
+
+def ucum_factor(code: str) -> Fraction | None:
+    """Factor from a UCUM count-per-volume unit to cells/µL; None when it is not one."""
+    code = code.strip()
+    if code.count("/") != 1:
+        return None
+    numerator, denominator = code.split("/")
+    factor = Fraction(1)
+    if numerator:
+        for term in numerator.split("."):
+            match = _NUM_TERM.match(term)
+            if not term or not match:
+                return None
+            if match["exp"] is not None:
+                factor *= Fraction(10) ** int(match["exp"])
+    volume = _VOLUME.match(denominator)
+    if not volume:
+        return None
+    prefix = _PREFIX[volume["prefix"]]
+    microlitres = (
+        prefix * _MICROLITRES_PER_LITRE if volume["litre"] else prefix**3 * _MICROLITRES_PER_CUBIC_METRE
+    )
+    return factor / microlitres
+
+
+def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> float | Quarantine:
+    """Prefer the UCUM code when the system is UCUM; fall back to the human-readable `unit`."""
+    candidates = []
+    if quantity.get("system") == UCUM_SYSTEM and isinstance(quantity.get("code"), str):
+        candidates.append(quantity["code"])
+    if isinstance(quantity.get("unit"), str):
+        candidates.append(quantity["unit"])
+    for spelling in candidates:
+        factor = ucum_factor(spelling)
+        if factor is not None:
+            return float(factor)
+        alias = aliases.get(spelling.strip())
+        if alias is not None:
+            return float(alias)
+    shown = " / ".join(repr(c) for c in candidates) or "none"
+    return Quarantine(Reason.UNKNOWN_UNIT, f"unit {shown}")
+
+
+def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float) -> Count | Quarantine:
+    """A FHIR Quantity (raw dict) -> Count in cells/µL, or why not."""
+    if not isinstance(quantity, Mapping) or "value" not in quantity:
+        return Quarantine(Reason.NO_VALUE, "no valueQuantity.value")
+    value = quantity["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a finite number")
+    comparator = quantity.get("comparator", "")
+    if comparator not in ("", *COMPARATORS):
+        return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"comparator {comparator!r}")
+    factor = unit_factor(quantity, aliases)
+    if isinstance(factor, Quarantine):
+        return factor
+    anc_per_ul = value * factor
+    if anc_per_ul < 0 or anc_per_ul > max_anc_per_ul:
+        return Quarantine(Reason.IMPLAUSIBLE_VALUE, f"outside 0-{max_anc_per_ul:g} cells/uL")
+    return Count(anc_per_ul=round(anc_per_ul, 6), comparator=comparator)

@@ -1,0 +1,286 @@
+"""Grades -> Flag / RiskAssessment resources (CONTRACT §6), planned against what we wrote before, sent as
+one transaction of conditional updates keyed by our identifiers, so a repeat never duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.flag import Flag
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from adapter.episodes import Episode, Graded, episodes
+from adapter.errors import PermanentHttpError
+from adapter.model import Grade
+from adapter.state import Written
+
+SNOMED = "http://snomed.info/sct"
+NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia"}
+FLAG_CATEGORY = {
+    "system": "http://terminology.hl7.org/CodeSystem/flag-category",
+    "code": "clinical",
+    "display": "Clinical",
+}
+FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+QUALITATIVE_RISK = {
+    Grade.SEVERE: "high", Grade.MODERATE: "moderate", Grade.MILD: "low", Grade.NORMAL: "negligible",
+    Grade.CTCAE_4: "high", Grade.CTCAE_3: "moderate", Grade.CTCAE_2: "low", Grade.CTCAE_1: "low",
+    Grade.CTCAE_0: "negligible",
+}
+AUTHOR = {"display": "anc-adapter"}
+WITHDRAWN = ("entered-in-error", "cancelled")
+_MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment}
+
+
+@dataclass(frozen=True)
+class Output:
+    """What [output] and [classify] say about the resources we write."""
+
+    system_base: str
+    profile: str
+    resources: tuple[str, ...] = ("Flag",)
+    risk_assessment_for_normal: bool = False
+
+    def identifier_system(self, resource_type: str) -> str:
+        return f"{self.system_base}/{resource_type}"
+
+    @property
+    def grade_system(self) -> str:
+        return f"{self.system_base}/CodeSystem/neutropenia-grade"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One write: the validated resource, and what state records once the server accepted it."""
+
+    resource_type: str
+    identifier: str
+    patient_id: str
+    status: str
+    content_hash: str
+    resource: dict[str, Any]
+
+    def written(self, server_id: str | None) -> Written:
+        return Written(self.resource_type, self.identifier, self.patient_id, self.status,
+                       self.content_hash, server_id)
+
+
+def plan_patient(
+    patient_id: str,
+    readings: list[Graded],
+    previously: dict[str, list[Written]],
+    output: Output,
+) -> list[Planned]:
+    """Everything that must change on the server for one patient; nothing when it already says it."""
+    planned: list[Planned] = []
+    if "Flag" in output.resources:
+        planned += _plan_flags(patient_id, readings, previously.get("Flag", []), output)
+    if "RiskAssessment" in output.resources:
+        planned += _plan_risk_assessments(patient_id, readings, previously.get("RiskAssessment", []), output)
+    return planned
+
+
+def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Written], output: Output) -> list[Planned]:
+    before = {w.identifier: w for w in previously}
+    wanted: dict[str, tuple[str, dict[str, Any]]] = {}
+    for episode in episodes(readings):
+        identifier = f"{patient_id}-{episode.ordinal}"
+        status = "active" if episode.closed_by is None else "inactive"
+        wanted[identifier] = (status, _flag(patient_id, identifier, status, episode, output))
+    for identifier, written in before.items():
+        if identifier not in wanted and written.status != "entered-in-error":
+            # The evidence for this episode was withdrawn (or an episode merged away).
+            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output))
+    return [
+        planned
+        for identifier, (status, body) in sorted(wanted.items())
+        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier)))
+    ]
+
+
+def _plan_risk_assessments(
+    patient_id: str, readings: list[Graded], previously: list[Written], output: Output
+) -> list[Planned]:
+    before = {w.identifier: w for w in previously}
+    wanted: dict[str, tuple[str, dict[str, Any]]] = {}
+    for reading, result in readings:
+        identifier = reading.observation_id
+        if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
+            continue
+        body = _risk_assessment(patient_id, identifier, (reading, result), output)
+        prior = before.get(identifier)
+        changed = prior is not None and (prior.content_hash != _hash(body) or prior.status in WITHDRAWN)
+        status = "amended" if changed else (prior.status if prior else "final")
+        wanted[identifier] = (status, body)
+    for identifier, written in before.items():
+        if identifier not in wanted and written.status not in WITHDRAWN:
+            body = _withdrawn_risk_assessment(patient_id, identifier, output)
+            wanted[identifier] = ("entered-in-error", body)
+    return [
+        planned
+        for identifier, (status, body) in sorted(wanted.items())
+        if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier)))
+    ]
+
+
+def _plan(
+    resource_type: str, identifier: str, patient_id: str, status: str, body: dict[str, Any],
+    prior: Written | None,
+) -> Planned | None:
+    content_hash = _hash(body)
+    if prior is not None and prior.content_hash == content_hash and prior.status == status:
+        return None
+    resource = _validated(resource_type, {**body, "status": status})
+    return Planned(resource_type, identifier, patient_id, status, content_hash, resource)
+
+
+def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
+    """One transaction; each entry a conditional update on our identifier (create when absent)."""
+    entries = [
+        {
+            "fullUrl": f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}",
+            "resource": p.resource,
+            "request": {
+                "method": "PUT",
+                "url": f"{p.resource_type}?identifier={output.identifier_system(p.resource_type)}|{p.identifier}",
+            },
+        }
+        for p in planned
+    ]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    Bundle.model_validate(bundle)
+    return bundle
+
+
+def accepted(planned: list[Planned], response: dict[str, Any]) -> list[tuple[Written, bool]]:
+    """Check the transaction-response entry by entry; raise unless the server accepted every write.
+    Returns what state records, and whether the server created (201) rather than updated it."""
+    entries = response.get("entry") if response.get("resourceType") == "Bundle" else None
+    if not isinstance(entries, list) or len(entries) != len(planned):
+        raise PermanentHttpError("transaction answered without one response entry per write")
+    written = []
+    for plan, entry in zip(planned, entries):
+        answer = entry.get("response") if isinstance(entry, dict) else None
+        status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+        if not status[:1] == "2":
+            raise PermanentHttpError(f"the server did not accept a {plan.resource_type} write ({status or '?'})")
+        server_id = _server_id(plan.resource_type, answer.get("location"), entry)
+        written.append((plan.written(server_id), status.startswith("201")))
+    return written
+
+
+def _flag(patient_id: str, identifier: str, status: str, episode: Episode, output: Output) -> dict[str, Any]:
+    reading, result = episode.latest
+    period = {"start": _instant(episode.start)}
+    if episode.end is not None:
+        period["end"] = _instant(episode.end)
+    return {
+        "resourceType": "Flag",
+        **_common(output, "Flag", identifier),
+        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": f"Observation/{reading.observation_id}"}}],
+        "category": [{"coding": [FLAG_CATEGORY]}],
+        "code": {"coding": [NEUTROPENIA, _grade_coding(result.grade, output)], "text": _text(episode.latest)},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "period": period,
+        "author": AUTHOR,
+    }
+
+
+def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:
+    return {
+        "resourceType": "Flag",
+        **_common(output, "Flag", identifier),
+        "category": [{"coding": [FLAG_CATEGORY]}],
+        "code": {"coding": [NEUTROPENIA], "text": "Neutropenia alert withdrawn: its results were withdrawn"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "author": AUTHOR,
+    }
+
+
+def _risk_assessment(patient_id: str, identifier: str, graded: Graded, output: Output) -> dict[str, Any]:
+    reading, result = graded
+    return {
+        "resourceType": "RiskAssessment",
+        **_common(output, "RiskAssessment", identifier),
+        "method": {"coding": [{"system": f"{output.system_base}/CodeSystem/method", "code": output.profile}]},
+        "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(graded)},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "occurrenceDateTime": _instant(reading.effective),
+        "basis": [
+            {"reference": f"Observation/{reading.observation_id}"},
+            {"reference": f"Patient/{patient_id}"},
+        ],
+        "prediction": [
+            {
+                # DOMAIN.md names no verified code for the outcome yet: our own code plus text, no guess.
+                "outcome": {
+                    "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "serious-infection"}],
+                    "text": "Serious infection",
+                },
+                "qualitativeRisk": {
+                    "coding": [{"system": RISK_PROBABILITY, "code": QUALITATIVE_RISK[result.grade]}]
+                },
+            }
+        ],
+    }
+
+
+def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:
+    return {
+        "resourceType": "RiskAssessment",
+        **_common(output, "RiskAssessment", identifier),
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "basis": [{"reference": f"Observation/{identifier}"}],
+        "note": [{"text": "The Observation behind this assessment was withdrawn or can no longer be graded."}],
+    }
+
+
+def _common(output: Output, resource_type: str, identifier: str) -> dict[str, Any]:
+    return {
+        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
+        "identifier": [{"system": output.identifier_system(resource_type), "value": identifier}],
+    }
+
+
+def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
+    return {"system": output.grade_system, "code": grade.value, "display": grade.label}
+
+
+def _text(graded: Graded) -> str:
+    reading, result = graded
+    label = f"At least {result.grade.label[0].lower()}{result.grade.label[1:]}" if result.at_least else result.grade.label
+    text = f"{label}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
+    notes = list(result.notes) + (["derived from WBC and differential"] if reading.derived else [])
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def _instant(moment: Any) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
+    return _MODELS[resource_type].model_validate(resource).model_dump(mode="json", exclude_none=True)
+
+
+def _hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def _uuid_like(resource_type: str, identifier: str) -> str:
+    digest = hashlib.sha256(f"{resource_type}|{identifier}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def _server_id(resource_type: str, location: Any, entry: dict[str, Any]) -> str | None:
+    if isinstance(location, str):
+        match = re.search(rf"{resource_type}/([A-Za-z0-9\-.]{{1,64}})", location)
+        if match:
+            return match.group(1)
+    resource = entry.get("resource")
+    return resource.get("id") if isinstance(resource, dict) else None
