@@ -19,7 +19,7 @@ from adapter import state as state_module
 from adapter.config import Config
 from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth
-from adapter.fhir.client import FhirClient
+from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
 from adapter.state import State
 
@@ -114,8 +114,9 @@ def _client(config: Config) -> FhirClient:
     if config.fhir.client_cert:
         session.cert = (config.fhir.client_cert, config.fhir.client_key) if config.fhir.client_key \
             else config.fhir.client_cert
+    retry = RetryPolicy(attempts=config.fhir.retries + 1, budget_s=config.fhir.retry_budget_s)
     return FhirClient(config.fhir.base_url, session, timeout_s=config.fhir.timeout_s,
-                      max_pages=config.fhir.max_pages)
+                      max_pages=config.fhir.max_pages, retry=retry)
 
 
 def _cmd_run(args: argparse.Namespace, run_id: str) -> int:

@@ -29,6 +29,8 @@ class FhirConfig:
     client_key: str = ""
     page_size: int = 200
     max_pages: int = 10_000  # a guard against servers whose `next` never ends
+    retries: int = 5  # retries of a failed call (connection, timeout, 408, 429, 5xx)
+    retry_budget_s: float = 120.0  # total time one call may spend retrying
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,10 @@ def _validated(config: Config) -> Config:
         raise bad("fhir.timeout_s", "must be > 0")
     if not 1 <= config.fhir.page_size <= 1000:
         raise bad("fhir.page_size", "must be between 1 and 1000")
+    if config.fhir.retries < 0:
+        raise bad("fhir.retries", "must be >= 0")
+    if config.fhir.retry_budget_s < 0:
+        raise bad("fhir.retry_budget_s", "must be >= 0")
     if config.fhir.max_pages < 1:
         raise bad("fhir.max_pages", "must be >= 1")
     if config.auth.type not in AUTH_TYPES:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -20,10 +20,11 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
-from adapter.errors import AuthError, FhirError, PermanentHttpError, TransientHttpError
+from adapter.errors import AuthError, PermanentHttpError, TransientHttpError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,9 @@ AUTH_STATUSES = frozenset({401, 403})
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6
+    attempts: int = 6  # the first try and up to 5 retries
     budget_s: float = 120.0  # total time one call may spend retrying
-    initial_s: float = 0.5
+    initial_s: float = 0.5  # backoff: 0.5, 1, 2, 4 … s plus up to initial_s of jitter
     max_wait_s: float = 30.0
 
 
@@ -48,12 +49,14 @@ class FhirClient:
         timeout_s: float = 30.0,
         max_pages: int = 10_000,
         retry: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.timeout_s = timeout_s
         self.max_pages = max_pages
         self.retry = retry
+        self._sleep = sleep
         self.requests_by_status: Counter[str] = Counter()
         session.headers.setdefault("Accept", FHIR_JSON)
 
@@ -111,11 +114,13 @@ class FhirClient:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientHttpError),
             wait=_wait_honouring_retry_after(
-                wait_exponential_jitter(initial=self.retry.initial_s, max=self.retry.max_wait_s)
+                wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_wait_s)
+                + wait_random(0, self.retry.initial_s)
             ),
             stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.budget_s),
             reraise=True,
             before_sleep=_log_retry,
+            sleep=self._sleep,
         )
         return retrying(self._once, method, url, params, body)
 
