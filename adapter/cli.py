@@ -18,10 +18,11 @@ from adapter import mappings as mappings_module
 from adapter import state as state_module
 from adapter.config import Config
 from adapter.errors import AdapterError, ConfigError, ExitCode
-from adapter.fhir import auth
+from adapter.fhir import auth, capability
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
 from adapter.state import State
+from adapter.writeback import Output
 
 log = logging.getLogger("adapter")
 
@@ -136,14 +137,15 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
     with state_module.locked(state_path):
         state = State.open(state_path)
         started = _now()
+        output = _output(config, client)
         if dry_run:
             sink: Any = DryRunSink()
             work_state = state.scratch_copy()
         else:
-            sink = ServerSink(client, _output(config))
+            sink = ServerSink(client, output)
             work_state = state
             state.start_run(run_id, started, "backfill" if window.backfill else "live")
-        run = Run(config, mappings, client, work_state, sink, max_duration_s=max_duration_s,
+        run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                   collect_rows=collect_rows)
         try:
             summary = run.execute(window)
@@ -160,17 +162,16 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
         return int(ExitCode.OK), summary
 
 
-def _output(config: Config) -> Any:
-    from adapter.writeback import Output
-
+def _output(config: Config, client: FhirClient) -> Output:
+    """What we write and how; the write mode per resource type comes from the server's /metadata."""
+    modes = capability.write_modes(client.get("metadata"), config.output.resources)
     return Output(system_base=config.output.system_base.rstrip("/"), profile=config.classify.profile,
                   resources=config.output.resources,
-                  risk_assessment_for_normal=config.output.risk_assessment_for_normal)
+                  risk_assessment_for_normal=config.output.risk_assessment_for_normal,
+                  write_modes=tuple(sorted(modes.items())))
 
 
 def _cmd_check(args: argparse.Namespace, run_id: str) -> int:
-    from adapter.fhir import capability
-
     config = _config(args)
     mappings_module.load(config.mappings.path)
     report = capability.check(_client(config), config)

@@ -115,6 +115,7 @@ class Run:
         client: FhirClient,
         state: State,
         sink: Sink,
+        output: writeback.Output,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         max_duration_s: float | None = None,
         collect_rows: bool = False,
@@ -128,12 +129,7 @@ class Run:
         self.max_duration_s = max_duration_s
         self.collect_rows = collect_rows
         self.patients = source.Patients(client)
-        self.output = writeback.Output(
-            system_base=config.output.system_base.rstrip("/"),
-            profile=config.classify.profile,
-            resources=config.output.resources,
-            risk_assessment_for_normal=config.output.risk_assessment_for_normal,
-        )
+        self.output = output
         self.summary = Summary()
         self._max_seen: datetime | None = None
         self._ids_this_pass: set[str] = set()

@@ -46,6 +46,14 @@ class Output:
     profile: str
     resources: tuple[str, ...] = ("Flag",)
     risk_assessment_for_normal: bool = False
+    write_modes: tuple[tuple[str, str], ...] = ()  # (resource type, "conditional" | "client-id")
+
+    def request(self, resource_type: str, identifier: str) -> tuple[str, str | None]:
+        """The PUT url that makes this write idempotent, and the id the resource must carry (if any)."""
+        if dict(self.write_modes).get(resource_type, "conditional") == "conditional":
+            return f"{resource_type}?identifier={self.identifier_system(resource_type)}|{identifier}", None
+        resource_id = stable_id(self.identifier_system(resource_type), identifier)
+        return f"{resource_type}/{resource_id}", resource_id
 
     def identifier_system(self, resource_type: str) -> str:
         return f"{self.system_base}/{resource_type}"
@@ -142,17 +150,15 @@ def _plan(
 
 def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
     """One transaction; each entry a conditional update on our identifier (create when absent)."""
-    entries = [
-        {
+    entries = []
+    for p in planned:
+        url, resource_id = output.request(p.resource_type, p.identifier)
+        resource = {**p.resource, "id": resource_id} if resource_id else p.resource
+        entries.append({
             "fullUrl": f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}",
-            "resource": p.resource,
-            "request": {
-                "method": "PUT",
-                "url": f"{p.resource_type}?identifier={output.identifier_system(p.resource_type)}|{p.identifier}",
-            },
-        }
-        for p in planned
-    ]
+            "resource": resource,
+            "request": {"method": "PUT", "url": url},
+        })
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     Bundle.model_validate(bundle)
     return bundle
@@ -270,6 +276,11 @@ def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
 
 def _hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def stable_id(system: str, value: str) -> str:
+    """A FHIR id (≤ 64 of [A-Za-z0-9-.]) that is a pure function of our identifier."""
+    return "anc-" + hashlib.sha256(f"{system}|{value}".encode()).hexdigest()[:40]
 
 
 def _uuid_like(resource_type: str, identifier: str) -> str:

@@ -30,10 +30,15 @@ class Server:
         found, url, query = [], f"{self.base_url}/{resource_type}", {"_count": "500", **params}
         while url:
             bundle = self.http.get(url, params=query, timeout=60).json()
-            found += [e["resource"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") != "include"]
+            found += [e["resource"] for e in bundle.get("entry", [])
+                      if e["resource"]["resourceType"] == resource_type and e.get("search", {}).get("mode") != "include"]
             url = next((l["url"] for l in bundle.get("link", []) if l["relation"] == "next"), None)
             query = None
         return found
+
+    def risk_assessments(self, patient_id: str) -> list[dict]:
+        # Sekmet 0.1.1 has no search parameters for RiskAssessment: filter here.
+        return [r for r in self.search("RiskAssessment") if r["subject"]["reference"] == f"Patient/{patient_id}"]
 
     def flags(self, patient_id: str | None = None) -> list[dict]:
         params = {"subject": f"Patient/{patient_id}"} if patient_id else {}

@@ -57,6 +57,24 @@ def check(client: FhirClient, config: Config) -> Report:
     return report
 
 
+CONDITIONAL = "conditional"  # PUT [type]?identifier=system|value: the server finds or creates it
+CLIENT_ID = "client-id"  # PUT [type]/[id derived from our identifier]: update-as-create
+
+
+def write_modes(statement: dict[str, Any], resource_types: tuple[str, ...]) -> dict[str, str]:
+    """How to make each write idempotent on this server. Conditional update by identifier where the
+    server says it can; otherwise a deterministic id of ours (Sekmet 0.1.1, for one, has no `identifier`
+    search parameter for RiskAssessment, so a conditional update on it fails)."""
+    rest = next((r for r in statement.get("rest", []) if r.get("mode") == "server"), {})
+    resources = {r.get("type"): r for r in rest.get("resource", []) if isinstance(r, dict)}
+    modes = {}
+    for kind in resource_types:
+        entry = resources.get(kind, {})
+        names = {p.get("name") for p in entry.get("searchParam", []) if isinstance(p, dict)}
+        modes[kind] = CONDITIONAL if entry.get("conditionalUpdate") and "identifier" in names else CLIENT_ID
+    return modes
+
+
 def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, str]]:
     rest = next((r for r in statement.get("rest", []) if r.get("mode") == "server"), {})
     resources = {r.get("type"): r for r in rest.get("resource", []) if isinstance(r, dict)}
@@ -77,9 +95,14 @@ def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, 
         (supports("Patient", "read"), "read Patient"),
         ("transaction" in system or "batch" in system, "transaction or batch"),
     ]
+    modes = write_modes(statement, config.output.resources)
     for kind in config.output.resources:
-        can_write = supports(kind, "create") and supports(kind, "update")
-        conditional = bool(resources.get(kind, {}).get("conditionalUpdate"))
-        results.append((can_write, f"create/update {kind}"))
-        results.append((conditional, f"conditional update {kind} by identifier"))
+        listed = kind in resources
+        if modes[kind] == CONDITIONAL:
+            results.append((True, f"write {kind}: conditional update by identifier"))
+        elif not listed or resources[kind].get("updateCreate"):
+            results.append((True, f"write {kind}: update-as-create with ids derived from our identifiers"
+                                  + ("" if listed else f" ({kind} is not in the CapabilityStatement)")))
+        else:
+            results.append((False, f"write {kind}: neither conditional update by identifier nor updateCreate"))
     return results

@@ -1,0 +1,147 @@
+"""Issue 3 scenarios on the real local server: arrival order, amendments, withdrawals, recovery, RA."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.cli import main
+from builders import anc, patient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def adapter(fhir_server, tmp_path):
+    config = tmp_path / "adapter.toml"
+    config.write_text('[output]\nresources = ["Flag", "RiskAssessment"]\n')
+
+    def run(*extra: str) -> int:
+        code = main(["run", "--config", str(config), "--fhir-url", fhir_server.base_url,
+                     "--state", str(tmp_path / "state.sqlite3"), "--log-format", "json", *extra])
+        assert code == 0
+        return code
+
+    return run
+
+
+def grade(resource: dict) -> str:
+    return next(c["code"] for c in resource["code"]["coding"] if c["system"].endswith("/neutropenia-grade"))
+
+
+def by_status(flags: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for flag in flags:
+        out.setdefault(flag["status"], []).append(flag)
+    return out
+
+
+def test_flag_follows_the_latest_count_by_effective_time_not_arrival(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o-late", "p", 0.3, effective="2026-11-22T08:00:00Z"))
+    adapter()
+    # An older, milder count arrives afterwards: the Flag must keep showing the newer severe one.
+    fhir_server.load(anc("o-early", "p", 1.2, effective="2026-11-20T08:00:00Z"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert flag["status"] == "active" and grade(flag) == "severe"
+    assert flag["period"]["start"].startswith("2026-11-20T08:00")  # the episode began with the older count
+    assert flag["extension"][0]["valueReference"]["reference"] == "Observation/o-late"
+
+
+def test_grade_change_updates_the_same_flag_in_place(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 1.2, effective="2026-11-20T08:00:00Z"))
+    adapter()
+    [before] = fhir_server.flags("p")
+    fhir_server.load(anc("o2", "p", 0.4, effective="2026-11-21T08:00:00Z"))
+    adapter()
+    [after] = fhir_server.flags("p")
+    assert after["id"] == before["id"]
+    assert (grade(before), grade(after)) == ("mild", "severe")
+    assert after["status"] == "active"
+
+
+def test_recovery_closes_the_flag_and_a_new_episode_opens_a_new_flag(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 0.4, effective="2026-11-20T08:00:00Z"),
+                     anc("o2", "p", 2.1, effective="2026-11-22T08:00:00Z"))
+    adapter()
+    [closed] = fhir_server.flags("p")
+    assert closed["status"] == "inactive"
+    assert closed["period"]["end"].startswith("2026-11-22T08:00")
+    fhir_server.load(anc("o3", "p", 0.9, effective="2026-11-24T08:00:00Z"))
+    adapter()
+    flags = by_status(fhir_server.flags("p"))
+    assert len(flags["inactive"]) == 1 and len(flags["active"]) == 1  # never two active at once
+    assert grade(flags["active"][0]) == "moderate"
+
+
+def test_amendment_to_normal_closes_the_flag_and_amends_the_risk_assessment(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 0.4, effective="2026-11-20T08:00:00Z"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert flag["status"] == "active"
+    [risk] = fhir_server.risk_assessments("p")
+    assert risk["status"] == "final"
+    assert risk["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
+
+    fhir_server.load(anc("o1", "p", 2.4, effective="2026-11-20T08:00:00Z", status="amended"))
+    adapter()
+    flags = fhir_server.flags("p")
+    assert [f["status"] for f in flags] == ["entered-in-error"]  # no abnormal evidence remains
+    [risk] = fhir_server.risk_assessments("p")
+    assert risk["status"] == "amended"
+    assert risk["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "negligible"
+
+
+def test_entered_in_error_withdraws_what_we_wrote(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 0.4))
+    adapter()
+    fhir_server.load(anc("o1", "p", 0.4, status="entered-in-error"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert flag["status"] == "entered-in-error"
+    [risk] = fhir_server.risk_assessments("p")
+    assert risk["status"] == "entered-in-error"
+
+
+def test_withdrawing_one_of_two_counts_regrades_from_the_remaining_one(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 1.2, effective="2026-11-20T08:00:00Z"),
+                     anc("o2", "p", 0.3, effective="2026-11-21T08:00:00Z"))
+    adapter()
+    fhir_server.load(anc("o2", "p", 0.3, effective="2026-11-21T08:00:00Z", status="entered-in-error"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert flag["status"] == "active" and grade(flag) == "mild"
+    assert flag["extension"][0]["valueReference"]["reference"] == "Observation/o1"
+
+
+def test_preliminary_results_are_ignored_unless_configured(fhir_server, adapter, tmp_path):
+    fhir_server.load(patient("p"), anc("o1", "p", 0.3, status="preliminary"))
+    adapter()
+    assert fhir_server.flags("p") == []
+
+
+def test_comparator_result_is_graded_at_least_and_says_so(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 1.0, comparator="<"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "moderate"
+    assert flag["code"]["text"].startswith("At least moderate neutropenia: ANC <1000 cells/µL")
+
+
+def test_quarantine_is_retried_after_a_site_adds_a_unit_alias(fhir_server, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    site = tmp_path / "site-mappings"
+    shutil.copytree(Path(__file__).parents[2] / "mappings", site)
+    config = tmp_path / "adapter.toml"
+    config.write_text(f'[mappings]\npath = "{site}"\n')
+    args = ["run", "--config", str(config), "--fhir-url", fhir_server.base_url,
+            "--state", str(tmp_path / "state.sqlite3")]
+    fhir_server.load(patient("p"), anc("o1", "p", 0.35, unit="Giga/L"))
+    assert main(args) == 0
+    assert fhir_server.flags("p") == []
+    units = site / "units.toml"
+    units.write_text(units.read_text() + '"Giga/L" = 1000\n')
+    assert main(args) == 0  # no new data: the quarantined Observation is graded from state
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "severe"
