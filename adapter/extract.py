@@ -12,8 +12,8 @@ from datetime import date, datetime, timezone
 from typing import Any, Mapping
 
 from adapter import units
-from adapter.mappings import Mappings
-from adapter.model import Patient, Quarantine, Reading, Reason
+from adapter.mappings import Coding, Mappings
+from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, Reason
 
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
@@ -32,11 +32,17 @@ class Seen:
 @dataclass(frozen=True)
 class Extracted:
     seen: Seen
-    outcome: Reading | Quarantine | None  # None: withdrawn, or not for us (status/code)
+    outcome: Reading | DeriveInput | Quarantine | None  # None: withdrawn, or not for us (status/code)
 
 
-def observation(resource: Mapping[str, Any], mappings: Mappings, statuses: tuple[str, ...]) -> Extracted | None:
-    """None when the resource is not an identifiable Observation at all (counted as malformed)."""
+def observation(
+    resource: Mapping[str, Any],
+    mappings: Mappings,
+    statuses: tuple[str, ...],
+    input_kinds: Mapping[Coding, InputKind] | None = None,
+) -> Extracted | None:
+    """None when the resource is not an identifiable Observation at all (counted as malformed).
+    `input_kinds` (derived ANC on) also accepts the inputs of a derived ANC."""
     if resource.get("resourceType") != "Observation" or not _is_id(resource.get("id")):
         return None
     meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
@@ -48,9 +54,44 @@ def observation(resource: Mapping[str, Any], mappings: Mappings, statuses: tuple
         last_updated=str(meta.get("lastUpdated") or ""),
         patient_id=_patient_id(resource.get("subject")) or "",
     )
-    if status in WITHDRAWN_STATUSES or status not in statuses or not _has_code(resource, mappings):
+    if status in WITHDRAWN_STATUSES or status not in statuses:
         return Extracted(seen, None)
-    return Extracted(seen, _reading(resource, seen, mappings))
+    if _has_code(resource, set(mappings.anc_codes)):
+        return Extracted(seen, _reading(resource, seen, mappings))
+    kind = _input_kind(resource, input_kinds or {})
+    if kind is not None:
+        return Extracted(seen, _derive_input(resource, seen, kind, mappings))
+    return Extracted(seen, None)
+
+
+def _derive_input(resource: Mapping[str, Any], seen: Seen, kind: InputKind, mappings: Mappings) -> DeriveInput | Quarantine:
+    if not seen.patient_id:
+        return Quarantine(Reason.NO_SUBJECT, "subject is missing or not a Patient reference")
+    effective = effective_time(resource)
+    if isinstance(effective, Quarantine):
+        return effective
+    quantity = resource.get("valueQuantity")
+    if not isinstance(quantity, Mapping):
+        return Quarantine(Reason.NO_VALUE, "no valueQuantity")
+    if quantity.get("comparator"):
+        return Quarantine(Reason.UNGRADABLE_COMPARATOR, "a derived-ANC input with a comparator")
+    if kind is InputKind.WBC:
+        count = units.normalise(quantity, mappings.unit_aliases, _MAX_WBC_PER_UL)
+        if isinstance(count, Quarantine):
+            return count
+        value = count.anc_per_ul
+    else:
+        value = quantity.get("value")
+        unit = quantity.get("code") if quantity.get("system") == units.UCUM_SYSTEM else quantity.get("unit")
+        if unit != "%":
+            return Quarantine(Reason.UNKNOWN_UNIT, f"percentage input in {unit!r}, expected '%'")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            return Quarantine(Reason.IMPLAUSIBLE_VALUE, "percentage outside 0-100")
+    return DeriveInput(seen.observation_id, seen.version, seen.patient_id, effective, kind, float(value))
+
+
+# Leukocyte counts reach a few hundred thousand per µL in leukaemia; beyond a million is a unit slip.
+_MAX_WBC_PER_UL = 1_000_000
 
 
 def _reading(resource: Mapping[str, Any], seen: Seen, mappings: Mappings) -> Reading | Quarantine:
@@ -143,15 +184,20 @@ def _birth_range(text: Any) -> tuple[date | None, date | None]:
     return None, None
 
 
-def _has_code(resource: Mapping[str, Any], mappings: Mappings) -> bool:
+def _codings(resource: Mapping[str, Any]) -> list[Coding]:
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, Mapping) else None
     if not isinstance(codings, list):
-        return False
-    wanted = set(mappings.anc_codes)
-    return any(
-        isinstance(c, Mapping) and (c.get("system"), c.get("code")) in wanted for c in codings
-    )
+        return []
+    return [(c.get("system"), c.get("code")) for c in codings if isinstance(c, Mapping)]
+
+
+def _has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:
+    return any(coding in wanted for coding in _codings(resource))
+
+
+def _input_kind(resource: Mapping[str, Any], kinds: Mapping[Coding, InputKind]) -> InputKind | None:
+    return next((kinds[c] for c in _codings(resource) if c in kinds), None)
 
 
 def _reference_low(resource: Mapping[str, Any], mappings: Mappings) -> float | None:

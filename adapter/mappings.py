@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.errors import ConfigError
+from adapter.model import InputKind
 
 Coding = tuple[str, str]  # (system, code)
 
@@ -44,14 +45,17 @@ class Mappings:
     unit_aliases: dict[str, float]
     thresholds: Thresholds
 
-    @property
-    def derive_input_codes(self) -> frozenset[Coding]:
-        return (
-            self.wbc_codes
-            | self.segmented_percent_codes
-            | self.band_percent_codes
-            | self.neutrophil_percent_codes
-        )
+    def input_kinds(self) -> dict[Coding, InputKind]:
+        """Codes of derived-ANC inputs and what each one is."""
+        kinds: dict[Coding, InputKind] = {}
+        for codes, kind in (
+            (self.wbc_codes, InputKind.WBC),
+            (self.segmented_percent_codes, InputKind.SEGMENTED_PERCENT),
+            (self.band_percent_codes, InputKind.BAND_PERCENT),
+            (self.neutrophil_percent_codes, InputKind.NEUTROPHIL_PERCENT),
+        ):
+            kinds.update(dict.fromkeys(codes, kind))
+        return kinds
 
 
 _SEVERITY_ORDER = ("severe", "moderate", "mild")

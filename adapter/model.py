@@ -104,7 +104,35 @@ class Reading:
     effective: datetime
     count: Count
     lln_per_ul: float | None = None  # referenceRange.low, normalised
-    derived: bool = False
+    sources: tuple[str, ...] = ()  # a derived ANC: the Observations it was computed from
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.sources)
+
+    @property
+    def evidence(self) -> tuple[str, ...]:
+        """The Observation ids on the server behind this reading."""
+        return self.sources or (self.observation_id,)
+
+
+class InputKind(str, Enum):
+    """Inputs of a derived ANC (DOMAIN.md §1, §3: ANC = WBC × (segs + bands) % / 100)."""
+
+    WBC = "wbc"  # cells/µL
+    SEGMENTED_PERCENT = "segmented-percent"
+    BAND_PERCENT = "band-percent"
+    NEUTROPHIL_PERCENT = "neutrophil-percent"  # segs and bands together
+
+
+@dataclass(frozen=True)
+class DeriveInput:
+    observation_id: str
+    version: str
+    patient_id: str
+    effective: datetime
+    kind: InputKind
+    value: float  # cells/µL for WBC, percent (0-100) otherwise
 
 
 @dataclass(frozen=True)

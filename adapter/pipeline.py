@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from adapter import classify, extract, source, writeback
+from adapter import classify, derive, extract, source, writeback
 from adapter.config import Config
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
-from adapter.model import Classification, Grade, Quarantine, Reading
+from adapter.model import Classification, DeriveInput, Quarantine, Reading
 from adapter.state import State, Written
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class Run:
         self.collect_rows = collect_rows
         self.patients = source.Patients(client)
         self.output = output
+        self.input_kinds = mappings.input_kinds() if config.classify.derive else None
         self.summary = Summary()
         self._max_seen: datetime | None = None
         self._ids_this_pass: set[str] = set()
@@ -139,7 +140,8 @@ class Run:
         started = time.monotonic()
         self._retry_quarantine()
         since = window.since if window.backfill else self._live_since()
-        params = source.search_params(self.mappings.anc_codes, since, window.until, self.config.fhir.page_size)
+        codes = self.mappings.anc_codes + tuple(sorted(self.input_kinds or {}))
+        params = source.search_params(codes, since, window.until, self.config.fhir.page_size)
         complete = True
         for page in source.pages(self.client, params):
             self.summary.pages += 1
@@ -178,10 +180,14 @@ class Run:
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         now = _iso(self.now())
         touched: set[str] = set()
+        groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
             for resource in observations:
-                patient_id = self._record(resource, retry, now)
+                patient_id = self._record(resource, retry, now, groups)
                 if patient_id:
+                    touched.add(patient_id)
+            for patient_id, effective in sorted(groups):
+                if self._derive(patient_id, effective, now):
                     touched.add(patient_id)
             planned: list[writeback.Planned] = []
             for patient_id in sorted(touched):
@@ -199,9 +205,11 @@ class Run:
                     else:
                         self.summary.updated += 1
 
-    def _record(self, resource: dict[str, Any], retry: bool, now: str) -> str | None:
-        """Ledger one Observation version; return its patient when that patient's outputs may change."""
-        extracted = extract.observation(resource, self.mappings, self.config.poll.statuses)
+    def _record(self, resource: dict[str, Any], retry: bool, now: str,
+                groups: set[tuple[str, datetime]]) -> str | None:
+        """Ledger one Observation version; return its patient when that patient's outputs may change.
+        With derived ANC on, add the (patient, effective time) groups whose derivation may change."""
+        extracted = extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
         if extracted is None:
             self.summary.malformed += 1
             return None
@@ -214,6 +222,11 @@ class Run:
             self.summary.already_processed += 1
             return None
         outcome = extracted.outcome
+        if self.input_kinds is not None:
+            self._note_groups(seen.observation_id, outcome, groups)
+        if isinstance(outcome, DeriveInput):
+            self.state.record_input(outcome, seen.status, now)
+            return None
         if outcome is None:
             withdrawn = seen.status in WITHDRAWN_STATUSES
             self.summary.withdrawn += withdrawn
@@ -235,6 +248,37 @@ class Run:
             "event": "quarantined", "observation_id": seen.observation_id, "reason": outcome.reason.value,
         })
         return seen.patient_id if prior is not None else None
+
+    def _note_groups(self, observation_id: str, outcome: Any, groups: set[tuple[str, datetime]]) -> None:
+        """A derived ANC depends on its inputs and on whether a measured ANC exists at the same time."""
+        before = self.state.input_group(observation_id)
+        if before is not None:
+            groups.add(before)
+        if isinstance(outcome, (Reading, DeriveInput)):
+            groups.add((outcome.patient_id, outcome.effective))
+
+    def _derive(self, patient_id: str, effective: datetime, now: str) -> bool:
+        """Recompute the derived ANC of one group; True when the patient's readings changed."""
+        key = "derived-" + writeback.stable_id(patient_id, _iso(effective))[4:28]
+        prior = self.state.processed_version(key)
+        derived = None
+        if not self.state.measured_at(patient_id, effective):
+            derived = derive.derive(self.state.inputs(patient_id, effective))
+        if derived is None:
+            if prior is None:
+                return False
+            self.state.record_outcome(key, prior, "superseded", patient_id, "withdrawn", now)
+            return True
+        count, sources = derived
+        reading = Reading(observation_id=key, version="+".join(sources), status="final", patient_id=patient_id,
+                          effective=effective, count=count, sources=sources)
+        result = self._classify(reading)
+        if isinstance(result, Quarantine):  # a derived count has no comparator; cannot happen
+            raise AssertionError("derived ANC could not be graded")
+        self.state.record_classified(reading, result, now)
+        self.summary.grades[result.grade.value] += 1
+        self._row(reading, result)
+        return True
 
     def _classify(self, reading: Reading) -> Classification | Quarantine:
         patient = self.patients.get(reading.patient_id)

@@ -12,12 +12,14 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from adapter.errors import ConfigError, LockHeldError
-from adapter.model import AgeBand, Classification, Count, Grade, Patient, Quarantine, Reading
+from adapter.model import (
+    AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
+)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -27,7 +29,7 @@ CREATE TABLE IF NOT EXISTS observations (
     version TEXT NOT NULL,
     status TEXT NOT NULL,
     patient_id TEXT NOT NULL,
-    outcome TEXT NOT NULL,              -- classified | quarantined | withdrawn | ignored
+    outcome TEXT NOT NULL,              -- classified | quarantined | withdrawn | ignored | derive-input
     effective TEXT,
     anc_per_ul REAL,
     comparator TEXT,
@@ -36,10 +38,19 @@ CREATE TABLE IF NOT EXISTS observations (
     at_least INTEGER,
     age_band TEXT,
     notes TEXT,
-    derived INTEGER NOT NULL DEFAULT 0,
+    sources TEXT,                       -- JSON list of input Observation ids for a derived ANC
     processed_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS observations_patient ON observations (patient_id, outcome);
+CREATE TABLE IF NOT EXISTS derive_inputs (
+    observation_id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    effective TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS derive_inputs_group ON derive_inputs (patient_id, effective);
 CREATE TABLE IF NOT EXISTS quarantine (
     observation_id TEXT PRIMARY KEY,
     version TEXT NOT NULL,
@@ -49,11 +60,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
     first_seen TEXT NOT NULL,
     last_seen TEXT NOT NULL,
     resource TEXT NOT NULL              -- the Observation as read, so a mapping fix can retry it offline
-);
-CREATE TABLE IF NOT EXISTS patients (
-    patient_id TEXT PRIMARY KEY,
-    born_earliest TEXT,
-    born_latest TEXT
 );
 CREATE TABLE IF NOT EXISTS written (
     resource_type TEXT NOT NULL,
@@ -153,7 +159,7 @@ class State:
                 reading.observation_id, reading.version, reading.status, reading.patient_id,
                 reading.effective.isoformat(), reading.count.anc_per_ul, reading.count.comparator,
                 reading.lln_per_ul, result.grade.value, int(result.at_least), result.age_band.value,
-                json.dumps(list(result.notes)), int(reading.derived), now,
+                json.dumps(list(result.notes)), json.dumps(list(reading.sources)), now,
             ),
         )
         self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
@@ -168,17 +174,49 @@ class State:
         )
         if outcome != "quarantined":
             self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (observation_id,))
+        if outcome != "derive-input":
+            self.db.execute("DELETE FROM derive_inputs WHERE observation_id = ?", (observation_id,))
+
+    def record_input(self, item: DeriveInput, status: str, now: str) -> None:
+        self.record_outcome(item.observation_id, item.version, status, item.patient_id, "derive-input", now)
+        self.db.execute(
+            "INSERT OR REPLACE INTO derive_inputs VALUES (?,?,?,?,?,?)",
+            (item.observation_id, item.version, item.patient_id, _utc(item.effective),
+             item.kind.value, item.value),
+        )
+
+    def input_group(self, observation_id: str) -> tuple[str, datetime] | None:
+        """(patient, effective) of a stored derive input, so withdrawing it re-derives its group."""
+        row = self.db.execute(
+            "SELECT patient_id, effective FROM derive_inputs WHERE observation_id = ?", (observation_id,)
+        ).fetchone()
+        return (row["patient_id"], datetime.fromisoformat(row["effective"])) if row else None
+
+    def inputs(self, patient_id: str, effective: datetime) -> list[DeriveInput]:
+        rows = self.db.execute(
+            "SELECT * FROM derive_inputs WHERE patient_id = ? AND effective = ? ORDER BY observation_id",
+            (patient_id, _utc(effective)),
+        ).fetchall()
+        return [
+            DeriveInput(row["observation_id"], row["version"], row["patient_id"],
+                        datetime.fromisoformat(row["effective"]), InputKind(row["kind"]), row["value"])
+            for row in rows
+        ]
+
+    def measured_at(self, patient_id: str, effective: datetime) -> bool:
+        """Is there a measured (not derived) ANC for this patient at this instant (whatever the offset)?"""
+        rows = self.db.execute(
+            "SELECT effective FROM observations WHERE patient_id = ? AND outcome = 'classified'"
+            " AND (sources IS NULL OR sources = '[]')",
+            (patient_id,),
+        ).fetchall()
+        return any(datetime.fromisoformat(row["effective"]) == effective for row in rows)
 
     def readings(self, patient_id: str) -> list[tuple[Reading, Classification]]:
         rows = self.db.execute(
             "SELECT * FROM observations WHERE patient_id = ? AND outcome = 'classified'", (patient_id,)
         ).fetchall()
         return [_reading_row(row) for row in rows]
-
-    def ever_classified(self, patient_id: str) -> bool:
-        return self.db.execute(
-            "SELECT 1 FROM observations WHERE patient_id = ? AND grade IS NOT NULL LIMIT 1", (patient_id,)
-        ).fetchone() is not None
 
     def counts_by_outcome(self) -> dict[str, int]:
         rows = self.db.execute("SELECT outcome, count(*) AS n FROM observations GROUP BY outcome")
@@ -216,19 +254,6 @@ class State:
             return False
         self.record_outcome(observation_id, row["version"], "discarded", row["patient_id"], "ignored", now)
         return True
-
-    # -- patients --------------------------------------------------------------------------------
-    def remember_patient(self, patient: Patient) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO patients VALUES (?,?,?)",
-            (patient.patient_id, _iso(patient.born_earliest), _iso(patient.born_latest)),
-        )
-
-    def patient(self, patient_id: str) -> Patient | None:
-        row = self.db.execute("SELECT * FROM patients WHERE patient_id = ?", (patient_id,)).fetchone()
-        if row is None:
-            return None
-        return Patient(row["patient_id"], _date(row["born_earliest"]), _date(row["born_latest"]))
 
     # -- what we wrote ---------------------------------------------------------------------------
     def written(self, patient_id: str, resource_type: str) -> list[Written]:
@@ -305,7 +330,7 @@ def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
         effective=datetime.fromisoformat(row["effective"]),
         count=Count(row["anc_per_ul"], row["comparator"] or ""),
         lln_per_ul=row["lln_per_ul"],
-        derived=bool(row["derived"]),
+        sources=tuple(json.loads(row["sources"] or "[]")),
     )
     result = Classification(
         grade=Grade(row["grade"]),
@@ -316,9 +341,5 @@ def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
     return reading, result
 
 
-def _iso(value: date | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _date(value: str | None) -> date | None:
-    return date.fromisoformat(value) if value else None
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()

@@ -189,7 +189,7 @@ def _flag(patient_id: str, identifier: str, status: str, episode: Episode, outpu
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": f"Observation/{reading.observation_id}"}}],
+        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": f"Observation/{reading.evidence[0]}"}}],
         "category": [{"coding": [FLAG_CATEGORY]}],
         "code": {"coding": [NEUTROPENIA, _grade_coding(result.grade, output)], "text": _text(episode.latest)},
         "subject": {"reference": f"Patient/{patient_id}"},
@@ -218,10 +218,8 @@ def _risk_assessment(patient_id: str, identifier: str, graded: Graded, output: O
         "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(graded)},
         "subject": {"reference": f"Patient/{patient_id}"},
         "occurrenceDateTime": _instant(reading.effective),
-        "basis": [
-            {"reference": f"Observation/{reading.observation_id}"},
-            {"reference": f"Patient/{patient_id}"},
-        ],
+        "basis": [{"reference": f"Observation/{source}"} for source in reading.evidence]
+        + [{"reference": f"Patient/{patient_id}"}],
         "prediction": [
             {
                 # DOMAIN.md names no verified code for the outcome yet: our own code plus text, no guess.
@@ -242,7 +240,6 @@ def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output)
         "resourceType": "RiskAssessment",
         **_common(output, "RiskAssessment", identifier),
         "subject": {"reference": f"Patient/{patient_id}"},
-        "basis": [{"reference": f"Observation/{identifier}"}],
         "note": [{"text": "The Observation behind this assessment was withdrawn or can no longer be graded."}],
     }
 

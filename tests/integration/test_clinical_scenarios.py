@@ -145,3 +145,56 @@ def test_quarantine_is_retried_after_a_site_adds_a_unit_alias(fhir_server, tmp_p
     assert main(args) == 0  # no new data: the quarantined Observation is graded from state
     [flag] = fhir_server.flags("p")
     assert grade(flag) == "severe"
+
+
+def wbc(observation_id, patient_id, value, effective="2026-11-20T08:00:00Z", **kw):
+    return anc(observation_id, patient_id, value, code="6690-2", effective=effective, **kw)
+
+
+def percent(observation_id, patient_id, value, code, effective="2026-11-20T08:00:00Z", **kw):
+    return anc(observation_id, patient_id, value, unit="%", code=code, effective=effective, **kw)
+
+
+@pytest.fixture
+def deriving(fhir_server, tmp_path):
+    config = tmp_path / "adapter.toml"
+    config.write_text('[classify]\nderive = true\n[output]\nresources = ["Flag", "RiskAssessment"]\n')
+    return ["run", "--config", str(config), "--fhir-url", fhir_server.base_url,
+            "--state", str(tmp_path / "state.sqlite3")]
+
+
+def test_derived_anc_from_wbc_and_differential_when_opted_in(fhir_server, deriving):
+    # WBC 2.0 × 10³/µL with 20 % segs + 5 % bands = 500 cells/µL -> moderate, said to be derived.
+    fhir_server.load(patient("p"), wbc("w", "p", 2.0), percent("s", "p", 20, "769-0"),
+                     percent("b", "p", 5, "764-1"))
+    assert main(deriving) == 0
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "moderate"
+    assert "ANC 500 cells/µL" in flag["code"]["text"] and "derived from WBC and differential" in flag["code"]["text"]
+    [risk] = fhir_server.risk_assessments("p")
+    assert {b["reference"] for b in risk["basis"]} == {"Observation/w", "Observation/s", "Observation/b",
+                                                       "Patient/p"}
+
+
+def test_no_derived_anc_without_opt_in_or_with_missing_bands(fhir_server, tmp_path, deriving):
+    fhir_server.load(patient("p"), wbc("w", "p", 2.0), percent("s", "p", 20, "769-0"))
+    assert main(deriving) == 0  # segs without bands would understate the ANC: not derived
+    assert fhir_server.flags("p") == []
+    fhir_server.load(percent("b", "p", 5, "764-1"))
+    plain = ["run", "--fhir-url", fhir_server.base_url, "--state", str(tmp_path / "plain.sqlite3")]
+    assert main(plain) == 0  # derive is opt-in
+    assert fhir_server.flags("p") == []
+
+
+def test_a_measured_anc_at_the_same_time_wins_over_the_derived_one(fhir_server, deriving):
+    fhir_server.load(patient("p"), wbc("w", "p", 2.0), percent("n", "p", 25, "770-8"))
+    assert main(deriving) == 0
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "moderate"
+    fhir_server.load(anc("m", "p", 1.2, effective="2026-11-20T10:00:00+02:00"))  # same instant, other offset
+    assert main(deriving) == 0
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "mild"
+    assert flag["extension"][0]["valueReference"]["reference"] == "Observation/m"
+    [risk_derived] = [r for r in fhir_server.risk_assessments("p") if r["identifier"][0]["value"].startswith("derived-")]
+    assert risk_derived["status"] == "entered-in-error"
