@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from adapter import classify, derive, extract, source, writeback
+from adapter import classify, crashpoints, derive, extract, source, writeback
 from adapter.config import Config
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
@@ -39,8 +39,12 @@ class ServerSink:
         self.output = output
 
     def send(self, planned: list[writeback.Planned]) -> list[tuple[Written, bool]]:
-        response = self.client.transaction(writeback.transaction(planned, self.output))
-        return writeback.accepted(planned, response)
+        bundle = writeback.transaction(planned, self.output)
+        crashpoints.reach("during-write")
+        response = self.client.transaction(bundle)
+        accepted = writeback.accepted(planned, response)
+        crashpoints.reach("write-accepted")
+        return accepted
 
 
 class DryRunSink:
@@ -145,6 +149,7 @@ class Run:
         complete = True
         for page in source.pages(self.client, params):
             self.summary.pages += 1
+            crashpoints.reach("page-read")
             self.patients.add(page.patients)
             self.summary.malformed += page.malformed
             self._process(page.observations, retry=False)
@@ -189,6 +194,7 @@ class Run:
             for patient_id, effective in sorted(groups):
                 if self._derive(patient_id, effective, now):
                     touched.add(patient_id)
+            crashpoints.reach("classified")
             planned: list[writeback.Planned] = []
             for patient_id in sorted(touched):
                 previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
@@ -204,6 +210,7 @@ class Run:
                         self.summary.created += 1
                     else:
                         self.summary.updated += 1
+        crashpoints.reach("committed")
 
     def _record(self, resource: dict[str, Any], retry: bool, now: str,
                 groups: set[tuple[str, datetime]]) -> str | None:

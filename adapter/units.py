@@ -75,10 +75,16 @@ def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> fl
 
 def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float) -> Count | Quarantine:
     """A FHIR Quantity (raw dict) -> Count in cells/µL, or why not."""
-    if not isinstance(quantity, Mapping) or "value" not in quantity:
+    if not isinstance(quantity, Mapping) or quantity.get("value") is None:
         return Quarantine(Reason.NO_VALUE, "no valueQuantity.value")
     value = quantity["value"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a number")
+    try:
+        value = float(value)  # json.loads gives unbounded ints: a 400-digit one must not crash the run
+    except OverflowError:
+        return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value too large")
+    if not math.isfinite(value):
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a finite number")
     comparator = quantity.get("comparator", "")
     if comparator not in ("", *COMPARATORS):
