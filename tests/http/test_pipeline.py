@@ -1,0 +1,99 @@
+"""Pipeline HTTP behaviour with mocks: patients read once when not _included, one transaction per page."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import responses
+
+from adapter.cli import main
+from builders import anc, patient
+
+BASE = "https://fhir.example.org/r4"
+CAPABILITY = {
+    "resourceType": "CapabilityStatement",
+    "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
+        {"type": "Flag", "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]},
+    ]}],
+}
+
+
+def page(*resources, next_url=None, included=()):
+    links = [{"relation": "next", "url": next_url}] if next_url else []
+    entries = [{"resource": r, "search": {"mode": "match"}} for r in resources]
+    entries += [{"resource": r, "search": {"mode": "include"}} for r in included]
+    return {"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries}
+
+
+def transaction_echo(request):
+    bundle = json.loads(request.body)
+    entries = [{"response": {"status": "201 Created", "location": f"Flag/f{i}/_history/1"}}
+               for i, _ in enumerate(bundle["entry"])]
+    return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+
+@pytest.fixture
+def server():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.add_callback(responses.POST, BASE, callback=transaction_echo)
+        yield mock
+
+
+def posted(mock) -> list[dict]:
+    return [json.loads(c.request.body) for c in mock.calls if c.request.method == "POST"]
+
+
+def test_patients_not_included_are_read_once_each_per_run(server, tmp_path):
+    server.get(f"{BASE}/Observation", json=page(
+        anc("o1", "a", 0.4), anc("o2", "b", 0.9), anc("o3", "a", 0.3, effective="2026-11-21T08:00:00Z"),
+        next_url=f"{BASE}/Observation?page=2"))
+    server.get(f"{BASE}/Observation?page=2", json=page(anc("o4", "b", 0.8, effective="2026-11-22T08:00:00Z")))
+    server.get(f"{BASE}/Patient/a", json=patient("a", "2026-06-01"))  # an infant
+    server.get(f"{BASE}/Patient/b", json=patient("b", "1970-01-01"))
+    assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
+    reads = [c.request.url for c in server.calls if "/Patient/" in c.request.url]
+    assert sorted(reads) == [f"{BASE}/Patient/a", f"{BASE}/Patient/b"]
+    assert len(posted(server)) == 2  # one transaction per page
+    first_page_flags = {e["resource"]["subject"]["reference"]: e for e in posted(server)[0]["entry"]}
+    assert set(first_page_flags) == {"Patient/a", "Patient/b"}
+    assert all(e["request"]["method"] == "PUT" and "Flag?identifier=" in e["request"]["url"]
+               for e in posted(server)[0]["entry"])
+
+
+def test_included_patients_are_not_read_again(server, tmp_path):
+    server.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), included=[patient("a", "1970-01-01")]))
+    assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
+    assert not [c for c in server.calls if "/Patient/" in c.request.url]
+
+
+def test_search_asks_for_every_anc_code_since_watermark_minus_overlap(server, tmp_path):
+    server.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4, meta={"lastUpdated": "2026-11-20T10:00:00Z",
+                                                                          "versionId": "1"}),
+                                                included=[patient("a")]))
+    state = str(tmp_path / "s.sqlite3")
+    assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    searches = [c.request for c in server.calls if "/Observation" in c.request.url]
+    query = searches[-1].params
+    assert query["_lastUpdated"] == "ge2026-11-20T09:55:00Z"  # watermark 10:00 minus the 5-minute overlap
+    assert set(query["code"].split(",")) == {"http://loinc.org|751-8", "http://loinc.org|753-4",
+                                             "http://loinc.org|26499-4", "http://loinc.org|752-6"}
+    assert query["_include"] == "Observation:subject"
+    assert len(posted(server)) == 1  # the re-read of the same version wrote nothing
+
+
+def test_a_rejected_transaction_commits_nothing_and_exits_3(tmp_path):
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), included=[patient("a")]))
+        mock.post(BASE, status=422, json={"resourceType": "OperationOutcome", "issue": [{"code": "invalid"}]})
+        state = str(tmp_path / "s.sqlite3")
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3
+    from adapter.state import State
+    from pathlib import Path
+
+    reopened = State.open(Path(state))
+    assert reopened.processed_version("o1") is None  # will be read and written again next run
+    assert reopened.watermark() is None
