@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import requests
 
 from adapter import config as config_module
+from adapter import metrics
 from adapter import mappings as mappings_module
 from adapter import state as state_module
 from adapter.config import Config
@@ -125,39 +126,44 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
     if args.until and not args.since:
         raise ConfigError("--until needs --since")
     code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
-                       window=Window(args.since, args.until), max_duration_s=args.max_duration)
+                       window=Window(args.since, args.until), max_duration_s=args.max_duration,
+                       metrics_file=args.metrics_file)
     return code
 
 
 def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = False,
              window: Window = Window(), max_duration_s: float | None = None,
-             collect_rows: bool = False, out: Any = None) -> tuple[int, Summary | None]:
+             collect_rows: bool = False, out: Any = None,
+             metrics_file: str | None = None) -> tuple[int, Summary | None]:
     mappings = mappings_module.load(config.mappings.path)
     client = _client(config)
     with state_module.locked(state_path):
         state = State.open(state_path)
-        started = _now()
-        output = _output(config, client)
-        if dry_run:
-            sink: Any = DryRunSink()
-            work_state = state.scratch_copy()
-        else:
-            sink = ServerSink(client, output)
-            work_state = state
-            state.start_run(run_id, started, "backfill" if window.backfill else "live")
-        run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
-                  collect_rows=collect_rows)
-        try:
-            summary = run.execute(window)
-        except AdapterError as exc:
+        if not dry_run:
+            state.start_run(run_id, _now(), "backfill" if window.backfill else "live")
+
+        def finish(exit_code: int, summary: dict[str, Any]) -> None:
             if not dry_run:
-                state.finish_run(run_id, _now(), int(exc.exit_code), run.summary.as_dict())
+                state.finish_run(run_id, _now(), exit_code, summary)
+            if metrics_file:
+                metrics.write(Path(metrics_file), state, summary, exit_code, dict(client.requests_by_status))
+
+        run: Run | None = None
+        try:
+            output = _output(config, client)
+            sink: Any = DryRunSink() if dry_run else ServerSink(client, output)
+            work_state = state.scratch_copy() if dry_run else state
+            run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
+                      collect_rows=collect_rows)
+            summary = run.execute(window)
+        except Exception as exc:
+            code = exc.exit_code if isinstance(exc, AdapterError) else ExitCode.INTERNAL
+            finish(int(code), run.summary.as_dict() if run else {})
             raise
         if dry_run:
             for planned in sink.planned:
                 (out or sys.stdout).write(json.dumps(planned.resource, ensure_ascii=False) + "\n")
-        else:
-            state.finish_run(run_id, _now(), 0, summary.as_dict())
+        finish(int(ExitCode.OK), summary.as_dict())
         log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "summary": summary.as_dict()})
         return int(ExitCode.OK), summary
 

@@ -288,6 +288,12 @@ class State:
                 (finished, exit_code, json.dumps(summary), run_id),
             )
 
+    def last_success(self) -> str | None:
+        row = self.db.execute(
+            "SELECT max(finished) AS f FROM runs WHERE exit_code = 0 AND mode != 'dry-run'"
+        ).fetchone()
+        return row["f"] if row else None
+
     def last_runs(self, limit: int = 10) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,)

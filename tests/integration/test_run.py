@@ -98,3 +98,33 @@ def test_unreachable_server_exits_3_after_retries(tmp_path):
     config.write_text('[fhir]\nbase_url = "http://127.0.0.1:9/fhir"\nretries = 1\nretry_budget_s = 5\n')
     code = main(["run", "--config", str(config), "--state", str(tmp_path / "s.sqlite3")])
     assert code == 3
+
+
+def test_metrics_file_in_prometheus_text_format(fhir_server, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fhir_server.load(patient("p1"), anc("o1", "p1", 0.4), anc("o2", "p1", 1.0, unit="mmol/L",
+                                                              effective="2026-11-19T08:00:00Z"))
+    metrics_file = tmp_path / "textfile" / "anc_adapter.prom"
+    assert run(fhir_server, tmp_path, "--metrics-file", str(metrics_file)) == 0
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics_file.read_text())
+        for s in family.samples
+    }
+    assert samples[("anc_adapter_last_run_exit_code", ())] == 0
+    assert samples[("anc_adapter_quarantine_size", ())] == 1
+    assert samples[("anc_adapter_last_run_graded", (("grade", "severe"),))] == 1
+    assert samples[("anc_adapter_last_run_observations", (("outcome", "created"),))] == 1
+    assert samples[("anc_adapter_last_run_http_requests", (("status", "200"),))] >= 3
+    assert samples[("anc_adapter_last_success_timestamp_seconds", ())] > 1.7e9
+    assert list(metrics_file.parent.iterdir()) == [metrics_file]  # written by rename: no temporary left
+
+    failing = tmp_path / "fail.toml"
+    failing.write_text('[fhir]\nbase_url = "http://127.0.0.1:9/fhir"\nretries = 0\n')
+    assert main(["run", "--config", str(failing), "--state", str(tmp_path / "state.sqlite3"),
+                 "--metrics-file", str(metrics_file)]) == 3
+    samples = {s.name: s.value for family in text_string_to_metric_families(metrics_file.read_text())
+               for s in family.samples if not s.labels}
+    assert samples["anc_adapter_last_run_exit_code"] == 3
+    assert samples["anc_adapter_last_success_timestamp_seconds"] > 1.7e9  # still the earlier success
