@@ -87,11 +87,18 @@ def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, 
         return {p.get("name") for p in resources.get(kind, {}).get("searchParam", [])}
 
     observation_params = params("Observation")
+
+    def param(name: str, standard: bool) -> tuple[bool, str]:
+        if name in observation_params:
+            return True, f"search Observation by {name}"
+        if standard:  # _lastUpdated is defined for every resource; many servers do not list it
+            return True, f"search Observation by {name} (standard parameter, not declared)"
+        return False, f"search Observation by {name}: not in the CapabilityStatement"
+
     results = [
         (supports("Observation", "search-type"), "search Observation"),
-        ("code" in observation_params or not observation_params, "search Observation by code"),
-        ("_lastUpdated" in observation_params or supports("Observation", "search-type"),
-         "search Observation by _lastUpdated"),
+        param("code", standard=False),
+        param("_lastUpdated", standard=True),
         (supports("Patient", "read"), "read Patient"),
         ("transaction" in system or "batch" in system, "transaction or batch"),
     ]
