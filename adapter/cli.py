@@ -153,9 +153,12 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
             output = _output(config, client)
             sink: Any = DryRunSink() if dry_run else ServerSink(client, output)
             work_state = state.scratch_copy() if dry_run else state
+            progress = _Progress() if window.backfill and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
-                      collect_rows=collect_rows)
+                      collect_rows=collect_rows, on_page=progress)
             summary = run.execute(window)
+            if progress:
+                progress.done()
         except Exception as exc:
             code = exc.exit_code if isinstance(exc, AdapterError) else ExitCode.INTERNAL
             finish(int(code), run.summary.as_dict() if run else {})
@@ -166,6 +169,26 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
         finish(int(ExitCode.OK), summary.as_dict())
         log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "summary": summary.as_dict()})
         return int(ExitCode.OK), summary
+
+
+class _Progress:
+    """A one-line progress bar on a TTY for long --since backfills (counts only, no patient data)."""
+
+    def __init__(self, width: int = 30):
+        self.width = width
+
+    def __call__(self, summary: Summary, total: int | None) -> None:
+        read = summary.observations_read
+        if total:
+            filled = min(self.width, self.width * read // max(total, 1))
+            bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {read}/{total}"
+        else:
+            bar = f"{read} read"
+        sys.stderr.write(f"\r{bar} observations, {summary.pages} pages, {summary.quarantined} quarantined ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
 
 
 def _output(config: Config, client: FhirClient) -> Output:

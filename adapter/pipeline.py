@@ -123,6 +123,7 @@ class Run:
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         max_duration_s: float | None = None,
         collect_rows: bool = False,
+        on_page: Callable[[Summary, int | None], None] | None = None,
     ):
         self.config = config
         self.mappings = mappings
@@ -132,6 +133,7 @@ class Run:
         self.now = now
         self.max_duration_s = max_duration_s
         self.collect_rows = collect_rows
+        self.on_page = on_page
         self.patients = source.Patients(client)
         self.output = output
         self.input_kinds = mappings.input_kinds() if config.classify.derive else None
@@ -153,6 +155,8 @@ class Run:
             self.patients.add(page.patients)
             self.summary.malformed += page.malformed
             self._process(page.observations, retry=False)
+            if self.on_page:
+                self.on_page(self.summary, page.total)
             if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
                 log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
                 complete = False

@@ -22,6 +22,7 @@ class Page:
     observations: list[dict[str, Any]]
     patients: dict[str, Patient] = field(default_factory=dict)
     malformed: int = 0  # entries that are neither an Observation nor a Patient we can use
+    total: int | None = None  # Bundle.total when the server gives it (for the progress bar)
 
 
 def search_params(codes: tuple[Coding, ...], since: datetime | None, until: datetime | None,
@@ -44,7 +45,8 @@ def search_params(codes: tuple[Coding, ...], since: datetime | None, until: date
 
 def pages(client: FhirClient, params: dict[str, Any]) -> Iterator[Page]:
     for bundle in client.search("Observation", params):
-        page = Page(observations=[])
+        total = bundle.get("total")
+        page = Page(observations=[], total=total if isinstance(total, int) else None)
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             kind = resource.get("resourceType") if isinstance(resource, dict) else None

@@ -80,3 +80,25 @@ def test_config_show_prints_the_effective_config_without_secrets(tmp_path, capsy
     assert shown["auth"]["token_env"] == "ANC_TEST_TOKEN"
     assert shown["poll"]["overlap"] == "PT5M"
     assert "s3cr3t" not in json.dumps(shown)
+
+
+def test_backfill_shows_a_progress_bar_on_a_tty_only(fhir_server, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    fhir_server.load(*[r for i in range(12) for r in (patient(f"p{i}"), anc(f"o{i}", f"p{i}", 0.4))])
+    config = tmp_path / "adapter.toml"
+    config.write_text(f'[fhir]\nbase_url = "{fhir_server.base_url}"\npage_size = 5\n'
+                      f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n')
+    command = [sys.executable, "-m", "adapter", "run", "--config", str(config), "--since", "2020-01-01T00:00:00Z"]
+    primary, secondary = pty.openpty()
+    subprocess.run(command, stderr=secondary, stdout=subprocess.DEVNULL, timeout=120, check=True)
+    os.close(secondary)
+    on_tty = os.read(primary, 65536).decode()
+    os.close(primary)
+    assert "[##############################] 12/12 observations" in on_tty
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "observations, " not in piped.stderr.replace('"observations_read"', "")
+    assert all(line.startswith("{") for line in piped.stderr.splitlines())  # JSON lines only
