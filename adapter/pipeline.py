@@ -138,6 +138,7 @@ class Run:
         self.output = output
         self.input_kinds = mappings.input_kinds() if config.classify.derive else None
         self.summary = Summary()
+        self._abnormal: set[str] = set()
         self._max_seen: datetime | None = None
         self._ids_this_pass: set[str] = set()
         self._stable = True
@@ -189,6 +190,7 @@ class Run:
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         now = _iso(self.now())
         touched: set[str] = set()
+        self._abnormal: set[str] = set()  # patients with an abnormal count graded in this batch
         groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
             for resource in observations:
@@ -202,6 +204,9 @@ class Run:
             planned: list[writeback.Planned] = []
             for patient_id in sorted(touched):
                 previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
+                if not any(previously.values()) and patient_id not in self._abnormal \
+                        and not self.output.risk_assessment_for_normal:
+                    continue  # only normal counts and nothing written before: nothing can change
                 mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output)
                 self.summary.unchanged += sum(len(w) for w in previously.values()) - sum(
                     1 for p in mine if any(w.identifier == p.identifier for w in previously[p.resource_type])
@@ -249,7 +254,7 @@ class Run:
             graded = self._classify(outcome)
             if isinstance(graded, Classification):
                 self.state.record_classified(outcome, graded, now)
-                self.summary.grades[graded.grade.value] += 1
+                self._graded(outcome.patient_id, graded)
                 self._row(outcome, graded)
                 return outcome.patient_id
             outcome = graded
@@ -287,9 +292,14 @@ class Run:
         if isinstance(result, Quarantine):  # a derived count has no comparator; cannot happen
             raise AssertionError("derived ANC could not be graded")
         self.state.record_classified(reading, result, now)
-        self.summary.grades[result.grade.value] += 1
+        self._graded(patient_id, result)
         self._row(reading, result)
         return True
+
+    def _graded(self, patient_id: str, result: Classification) -> None:
+        self.summary.grades[result.grade.value] += 1
+        if result.grade.abnormal:
+            self._abnormal.add(patient_id)
 
     def _classify(self, reading: Reading) -> Classification | Quarantine:
         patient = self.patients.get(reading.patient_id)

@@ -159,9 +159,10 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
             "resource": resource,
             "request": {"method": "PUT", "url": url},
         })
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    Bundle.model_validate(bundle)
-    return bundle
+    # Each resource was validated when planned; validate the envelope (type, fullUrl, request) here.
+    Bundle.model_validate({"resourceType": "Bundle", "type": "transaction",
+                           "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
 def accepted(planned: list[Planned], response: dict[str, Any]) -> list[tuple[Written, bool]]:
@@ -268,7 +269,10 @@ def _instant(moment: Any) -> str:
 
 
 def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
-    return _MODELS[resource_type].model_validate(resource).model_dump(mode="json", exclude_none=True)
+    """Validate with the R4B model and send exactly what was validated; re-serialising the model would
+    cost more than the validation itself and change nothing we build."""
+    _MODELS[resource_type].model_validate(resource)
+    return resource
 
 
 def _hash(body: dict[str, Any]) -> str:

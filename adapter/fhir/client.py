@@ -29,6 +29,14 @@ from adapter.errors import AuthError, PermanentHttpError, TransientHttpError
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+# A body cut short after the headers (ChunkedEncodingError, a reset mid-body) is as transient as a
+# refused connection: the request may or may not have taken effect, and every write we send is idempotent.
+_TRANSPORT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 
@@ -130,7 +138,7 @@ class FhirClient:
             response = self.session.request(
                 method, url, params=params, json=body, headers=headers, timeout=self.timeout_s
             )
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except _TRANSPORT_ERRORS as exc:
             self.requests_by_status["error"] += 1
             raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
         self.requests_by_status[str(response.status_code)] += 1
