@@ -198,3 +198,36 @@ def test_a_measured_anc_at_the_same_time_wins_over_the_derived_one(fhir_server, 
     assert flag["extension"][0]["valueReference"]["reference"] == "Observation/m"
     [risk_derived] = [r for r in fhir_server.risk_assessments("p") if r["identifier"][0]["value"].startswith("derived-")]
     assert risk_derived["status"] == "entered-in-error"
+
+
+def test_ctcae_profile_uses_the_reference_range_lln_and_writes_ctcae_grades(fhir_server, tmp_path):
+    config = tmp_path / "ctcae.toml"
+    config.write_text('[classify]\nprofile = "ctcae-v5"\n[output]\nresources = ["Flag", "RiskAssessment"]\n')
+    low = {"low": {"value": 1.8, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}}
+    fhir_server.load(
+        patient("g1"), anc("o-g1", "g1", 1.7, referenceRange=[low]),      # < LLN 1800, >= 1500: grade 1
+        patient("g1-default"), anc("o-g1d", "g1-default", 1.9),             # < default LLN 2000: grade 1
+        patient("g0"), anc("o-g0", "g0", 1.9, referenceRange=[low]),       # >= LLN 1800: not decreased
+        patient("g4"), anc("o-g4", "g4", 0.2),
+    )
+    assert main(["run", "--config", str(config), "--fhir-url", fhir_server.base_url,
+                 "--state", str(tmp_path / "s.sqlite3")]) == 0
+    grades = {f["subject"]["reference"]: grade(f) for f in fhir_server.flags()}
+    assert grades == {"Patient/g1": "ctcae-1", "Patient/g1-default": "ctcae-1", "Patient/g4": "ctcae-4"}
+    [risk] = fhir_server.risk_assessments("g4")
+    assert risk["method"]["coding"][0]["code"] == "ctcae-v5"
+    assert risk["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
+
+
+def test_neonate_and_unknown_age_are_said_in_the_flag_text(fhir_server, adapter):
+    fhir_server.load(
+        patient("newborn", "2026-11-15"), anc("o-nb", "newborn", 0.8, effective="2026-11-20T08:00:00Z"),
+        patient("nobirth", None), anc("o-nob", "nobirth", 1.2, effective="2026-11-20T08:00:00Z"),
+    )
+    adapter()
+    [newborn] = fhir_server.flags("newborn")
+    assert grade(newborn) == "moderate"
+    assert "neonate: verify against local reference ranges" in newborn["code"]["text"]
+    [unknown] = fhir_server.flags("nobirth")
+    assert grade(unknown) == "mild"  # adult thresholds when the age is unknown
+    assert "age unknown: adult thresholds" in unknown["code"]["text"]
