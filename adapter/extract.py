@@ -96,6 +96,11 @@ _MAX_WBC_PER_UL = 1_000_000
 
 
 def _reading(resource: Mapping[str, Any], seen: Seen, mappings: Mappings) -> Reading | Quarantine:
+    modified = _modifier_urls(resource) + _modifier_urls(resource.get("valueQuantity"))
+    if modified:
+        # FHIR: a reader that does not understand a modifierExtension must not act on the resource as
+        # if it were not there. We understand none.
+        return Quarantine(Reason.UNKNOWN_MODIFIER, "modifierExtension " + ", ".join(sorted(set(modified))))
     if not seen.patient_id:
         return Quarantine(Reason.NO_SUBJECT, "subject is missing or not a Patient reference")
     effective = effective_time(resource)
@@ -155,7 +160,8 @@ def parse_datetime(text: Any) -> datetime | None:
             return datetime.fromisoformat(match["date"]).replace(tzinfo=timezone.utc)
         tz = match["tz"] or "Z"
         parsed = datetime.fromisoformat(f"{match['date']}T{match['time']}{'+00:00' if tz == 'Z' else tz}")
-    except ValueError:
+        parsed.astimezone(timezone.utc)  # a year-9999 instant with a negative offset cannot be ordered
+    except (ValueError, OverflowError):
         return None
     return parsed
 
@@ -220,6 +226,15 @@ def _patient_id(subject: Any) -> str | None:
         return None
     match = _PATIENT_REF.search(subject["reference"])
     return match["id"] if match else None
+
+
+def _modifier_urls(element: Any) -> list[str]:
+    extensions = element.get("modifierExtension") if isinstance(element, dict) else None
+    if not extensions:
+        return []
+    if not isinstance(extensions, list):
+        return ["?"]
+    return [str(e.get("url", "?")) if isinstance(e, dict) else "?" for e in extensions]
 
 
 def _is_id(value: Any) -> bool:

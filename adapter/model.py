@@ -58,6 +58,7 @@ class Reason(str, Enum):
     NO_EFFECTIVE_TIME = "no-effective-time"
     NO_SUBJECT = "no-subject"
     UNGRADABLE_COMPARATOR = "ungradable-comparator"
+    UNKNOWN_MODIFIER = "unknown-modifier"  # a modifierExtension may change the meaning: never guess
     MALFORMED = "malformed"
 
 

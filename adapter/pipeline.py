@@ -145,6 +145,7 @@ class Run:
 
     def execute(self, window: Window = Window()) -> Summary:
         started = time.monotonic()
+        self._pass_started = self.now()
         self._retry_quarantine()
         since = window.since if window.backfill else self._live_since()
         codes = self.mappings.anc_codes + tuple(sorted(self.input_kinds or {}))
@@ -190,7 +191,7 @@ class Run:
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         now = _iso(self.now())
         touched: set[str] = set()
-        self._abnormal: set[str] = set()  # patients with an abnormal count graded in this batch
+        self._abnormal = set()  # patients with an abnormal count graded in this batch
         groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
             for resource in observations:
@@ -208,8 +209,9 @@ class Run:
                         and not self.output.risk_assessment_for_normal:
                     continue  # only normal counts and nothing written before: nothing can change
                 mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output)
-                self.summary.unchanged += sum(len(w) for w in previously.values()) - sum(
-                    1 for p in mine if any(w.identifier == p.identifier for w in previously[p.resource_type])
+                rewritten = {(p.resource_type, p.identifier) for p in mine}
+                self.summary.unchanged += sum(
+                    (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
                 )
                 planned += mine
             if planned:
@@ -315,7 +317,13 @@ class Run:
             self._stable = False
         self._ids_this_pass.add(seen.observation_id)
         updated = extract.parse_datetime(seen.last_updated)
-        if updated is not None and (self._max_seen is None or updated > self._max_seen):
+        if updated is None:
+            return
+        if updated > self._pass_started:
+            # Stamped after this pass began (a clock ahead of ours, or a bogus date): a watermark there
+            # would hide everything written before it, so it never moves past the pass start.
+            updated = self._pass_started
+        if self._max_seen is None or updated > self._max_seen:
             self._max_seen = updated
 
     def _row(self, reading: Reading, result: Classification) -> None:

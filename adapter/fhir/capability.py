@@ -61,30 +61,50 @@ CONDITIONAL = "conditional"  # PUT [type]?identifier=system|value: the server fi
 CLIENT_ID = "client-id"  # PUT [type]/[id derived from our identifier]: update-as-create
 
 
+def _server_rest(statement: dict[str, Any]) -> dict[str, Any]:
+    """The CapabilityStatement's rest entry for the server; {} when missing or malformed."""
+    rests = statement.get("rest") if isinstance(statement.get("rest"), list) else []
+    return next((r for r in rests if isinstance(r, dict) and r.get("mode") == "server"), {})
+
+
+def _resources(rest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    entries = rest.get("resource") if isinstance(rest.get("resource"), list) else []
+    return {r.get("type"): r for r in entries if isinstance(r, dict)}
+
+
+def _codes(items: Any, key: str = "code") -> set[Any]:
+    return {i.get(key) for i in items if isinstance(i, dict)} if isinstance(items, list) else set()
+
+
 def write_modes(statement: dict[str, Any], resource_types: tuple[str, ...]) -> dict[str, str]:
     """How to make each write idempotent on this server. Conditional update by identifier where the
     server says it can; otherwise a deterministic id of ours (Sekmet 0.1.1, for one, has no `identifier`
     search parameter for RiskAssessment, so a conditional update on it fails)."""
-    rest = next((r for r in statement.get("rest", []) if r.get("mode") == "server"), {})
-    resources = {r.get("type"): r for r in rest.get("resource", []) if isinstance(r, dict)}
+    resources = _resources(_server_rest(statement))
     modes = {}
     for kind in resource_types:
         entry = resources.get(kind, {})
-        names = {p.get("name") for p in entry.get("searchParam", []) if isinstance(p, dict)}
+        names = _codes(entry.get("searchParam"), "name")
         modes[kind] = CONDITIONAL if entry.get("conditionalUpdate") and "identifier" in names else CLIENT_ID
     return modes
 
 
+def bundle_type(statement: dict[str, Any]) -> str:
+    """A transaction when the server offers one (all or nothing per page), else a batch."""
+    system = _codes(_server_rest(statement).get("interaction"))
+    return "batch" if "batch" in system and "transaction" not in system else "transaction"
+
+
 def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, str]]:
-    rest = next((r for r in statement.get("rest", []) if r.get("mode") == "server"), {})
-    resources = {r.get("type"): r for r in rest.get("resource", []) if isinstance(r, dict)}
-    system = {i.get("code") for i in rest.get("interaction", []) if isinstance(i, dict)}
+    rest = _server_rest(statement)
+    resources = _resources(rest)
+    system = _codes(rest.get("interaction"))
 
     def supports(kind: str, interaction: str) -> bool:
-        return interaction in {i.get("code") for i in resources.get(kind, {}).get("interaction", [])}
+        return interaction in _codes(resources.get(kind, {}).get("interaction"))
 
     def params(kind: str) -> set[str]:
-        return {p.get("name") for p in resources.get(kind, {}).get("searchParam", [])}
+        return _codes(resources.get(kind, {}).get("searchParam"), "name")
 
     observation_params = params("Observation")
 
@@ -100,7 +120,9 @@ def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, 
         param("code", standard=False),
         param("_lastUpdated", standard=True),
         (supports("Patient", "read"), "read Patient"),
-        ("transaction" in system or "batch" in system, "transaction or batch"),
+        ("transaction" in system or "batch" in system,
+         f"write bundles: {bundle_type(statement)}" if "transaction" in system or "batch" in system
+         else "write bundles: neither transaction nor batch"),
     ]
     modes = write_modes(statement, config.output.resources)
     for kind in config.output.resources:

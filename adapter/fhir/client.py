@@ -5,9 +5,11 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -66,7 +68,12 @@ class FhirClient:
         self.retry = retry
         self._sleep = sleep
         self.requests_by_status: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
         session.headers.setdefault("Accept", FHIR_JSON)
+
+    def _count(self, status: str) -> None:
+        with self._count_lock:  # the prefetch thread counts too
+            self.requests_by_status[status] += 1
 
     @property
     def request_count(self) -> int:
@@ -80,25 +87,44 @@ class FhirClient:
         return self._call("POST", self.base_url, body=bundle)
 
     def search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Yield search result pages (Bundles), following `next` exactly as given (CONTRACT §3)."""
-        url: str | None = f"{self.base_url}/{resource_type}"
+        """Yield search result pages (Bundles), following `next` exactly as given (CONTRACT §3).
+
+        The next page is fetched in the background while the caller works on this one, so the server
+        pages while we classify and write (reads only: nothing about commit order changes)."""
         seen_links: set[str] = set()
-        for page_number in range(self.max_pages):
-            bundle = self._call("GET", url, params=params if page_number == 0 else None)
-            if bundle.get("resourceType") != "Bundle":
-                raise PermanentHttpError(f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
-            entries = bundle.get("entry") or []
-            if not entries:
-                return
-            yield bundle
-            url = self._next_link(bundle)
-            if url is None:
-                return
-            if url in seen_links:
-                log.warning("paging stopped: the server repeated a next link", extra={"event": "paging-loop"})
-                return
-            seen_links.add(url)
-        log.warning("paging stopped at the page cap", extra={"event": "page-cap", "pages": self.max_pages})
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
+            pending = prefetch.submit(self._call, "GET", f"{self.base_url}/{resource_type}", params, None)
+            try:
+                for _ in range(self.max_pages):
+                    bundle = pending.result()
+                    if bundle.get("resourceType") != "Bundle":
+                        raise PermanentHttpError(
+                            f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
+                    entries = bundle.get("entry")
+                    if entries is not None and not isinstance(entries, list):
+                        raise PermanentHttpError("search answered a Bundle whose entry is not a list")
+                    if not entries:
+                        return
+                    refused: PermanentHttpError | None = None
+                    try:
+                        url = self._next_link(bundle)
+                    except PermanentHttpError as exc:  # this page is good: hand it over, then refuse
+                        url, refused = None, exc
+                    if url in seen_links:
+                        log.warning("paging stopped: the server repeated a next link",
+                                    extra={"event": "paging-loop"})
+                        url = None
+                    if url is not None:
+                        seen_links.add(url)
+                        pending = prefetch.submit(self._call, "GET", url, None, None)
+                    yield bundle
+                    if refused is not None:
+                        raise refused
+                    if url is None:
+                        return
+                log.warning("paging stopped at the page cap", extra={"event": "page-cap", "pages": self.max_pages})
+            finally:
+                pending.cancel()
 
     def _next_link(self, bundle: dict[str, Any]) -> str | None:
         links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
@@ -139,9 +165,9 @@ class FhirClient:
                 method, url, params=params, json=body, headers=headers, timeout=self.timeout_s
             )
         except _TRANSPORT_ERRORS as exc:
-            self.requests_by_status["error"] += 1
+            self._count("error")
             raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
-        self.requests_by_status[str(response.status_code)] += 1
+        self._count(str(response.status_code))
         status = response.status_code
         if status in AUTH_STATUSES:
             raise AuthError(f"the server refused our credentials ({status} on {method})")
