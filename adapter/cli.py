@@ -20,6 +20,7 @@ from adapter import state as state_module
 from adapter.config import Config
 from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth, capability
+from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
 from adapter.state import State
@@ -110,12 +111,22 @@ def _config(args: argparse.Namespace) -> Config:
 def _client(config: Config) -> FhirClient:
     if not config.fhir.base_url:
         raise ConfigError("fhir.base_url: not set; give it in the config or with --fhir-url")
-    session = requests.Session()
-    session.auth = auth.build(config.auth)
-    session.verify = config.fhir.verify
-    if config.fhir.client_cert:
-        session.cert = (config.fhir.client_cert, config.fhir.client_key) if config.fhir.client_key \
-            else config.fhir.client_cert
+    verify = config.fhir.verify
+    if isinstance(verify, str) and not (verify and Path(verify).exists()):
+        # requests reads "" as "do not verify": only an existing CA bundle file or directory may stand here.
+        raise ConfigError(f"fhir.verify: {verify!r} is not true, false or an existing CA bundle path")
+    for key in ("client_cert", "client_key"):
+        path = getattr(config.fhir, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"fhir.{key}: {path} does not exist or is not a file")
+    if config.fhir.client_key and not config.fhir.client_cert:
+        raise ConfigError("fhir.client_key: given without fhir.client_cert")
+    cert = (config.fhir.client_cert, config.fhir.client_key) if config.fhir.client_key \
+        else config.fhir.client_cert or None
+    # The token endpoint usually sits behind the same hospital CA (and gateway) as the FHIR server;
+    # it gets its own session so the FHIR auth never rides along to it.
+    session, token_http = client_module.session(verify, cert), client_module.session(verify, cert)
+    session.auth = auth.build(config.auth, config.fhir.base_url, token_http, config.fhir.timeout_s)
     retry = RetryPolicy(attempts=config.fhir.retries + 1, budget_s=config.fhir.retry_budget_s)
     return FhirClient(config.fhir.base_url, session, timeout_s=config.fhir.timeout_s,
                       max_pages=config.fhir.max_pages, retry=retry)
@@ -193,11 +204,12 @@ class _Progress:
 
 def _output(config: Config, client: FhirClient) -> Output:
     """What we write and how; the write mode per resource type comes from the server's /metadata."""
-    modes = capability.write_modes(client.get("metadata"), config.output.resources)
+    statement = client.get("metadata")
+    modes = capability.write_modes(statement, config.output.resources)
     return Output(system_base=config.output.system_base.rstrip("/"), profile=config.classify.profile,
                   resources=config.output.resources,
                   risk_assessment_for_normal=config.output.risk_assessment_for_normal,
-                  write_modes=tuple(sorted(modes.items())))
+                  write_modes=tuple(sorted(modes.items())), bundle_type=capability.bundle_type(statement))
 
 
 def _cmd_check(args: argparse.Namespace, run_id: str) -> int:

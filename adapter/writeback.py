@@ -47,6 +47,7 @@ class Output:
     resources: tuple[str, ...] = ("Flag",)
     risk_assessment_for_normal: bool = False
     write_modes: tuple[tuple[str, str], ...] = ()  # (resource type, "conditional" | "client-id")
+    bundle_type: str = "transaction"  # "batch" where the server has no transactions
 
     def request(self, resource_type: str, identifier: str) -> tuple[str, str | None]:
         """The PUT url that makes this write idempotent, and the id the resource must carry (if any)."""
@@ -149,7 +150,9 @@ def _plan(
 
 
 def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
-    """One transaction; each entry a conditional update on our identifier (create when absent)."""
+    """One transaction (or batch) per page; each entry an idempotent PUT (see Output.request).
+    A batch is not atomic: if any entry fails, `accepted` raises, state keeps nothing of the page, and
+    the next run repeats the entries that did succeed, harmlessly."""
     entries = []
     for p in planned:
         url, resource_id = output.request(p.resource_type, p.identifier)
@@ -160,9 +163,9 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
             "request": {"method": "PUT", "url": url},
         })
     # Each resource was validated when planned; validate the envelope (type, fullUrl, request) here.
-    Bundle.model_validate({"resourceType": "Bundle", "type": "transaction",
+    Bundle.model_validate({"resourceType": "Bundle", "type": output.bundle_type,
                            "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]})
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return {"resourceType": "Bundle", "type": output.bundle_type, "entry": entries}
 
 
 def accepted(planned: list[Planned], response: dict[str, Any]) -> list[tuple[Written, bool]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.config import Config
-from adapter.errors import AdapterError, AuthError, ExitCode
+from adapter.errors import AdapterError, AuthError, ConfigError, ExitCode
 from adapter.fhir.client import FhirClient
 
 
@@ -31,6 +31,8 @@ def check(client: FhirClient, config: Config) -> Report:
     report.add(True, f"config valid; server {client.base_url}; auth {config.auth.type}")
     try:
         statement = client.get("metadata")
+    except ConfigError:
+        raise  # e.g. token endpoint discovery failed: fix auth.token_url (exit 2)
     except AuthError as exc:
         report.add(False, f"authentication: {exc}")
         report.exit_code = ExitCode.AUTH

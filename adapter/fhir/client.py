@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from tenacity import (
     wait_random,
 )
 
-from adapter.errors import AuthError, PermanentHttpError, TransientHttpError
+from adapter.errors import AuthError, FhirError, PermanentHttpError, TransientHttpError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,24 @@ class RetryPolicy:
     budget_s: float = 120.0  # total time one call may spend retrying
     initial_s: float = 0.5  # backoff: 0.5, 1, 2, 4 … s plus up to initial_s of jitter
     max_wait_s: float = 30.0
+
+
+class ConfiguredSession(requests.Session):
+    """A Session whose TLS settings are the configured ones. requests lets $REQUESTS_CA_BUNDLE /
+    $CURL_CA_BUNDLE override Session.verify (psf/requests#3829), silently replacing `verify = false` or a
+    hospital CA bundle; environment proxies are still honoured."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None:
+            settings["verify"] = self.verify
+        return settings
+
+
+def session(verify: bool | str = True, cert: str | tuple[str, str] | None = None) -> requests.Session:
+    http = ConfiguredSession()
+    http.verify, http.cert = verify, cert
+    return http
 
 
 class FhirClient:
@@ -164,6 +183,9 @@ class FhirClient:
             response = self.session.request(
                 method, url, params=params, json=body, headers=headers, timeout=self.timeout_s
             )
+        except requests.exceptions.SSLError as exc:
+            self._count("error")
+            raise _tls_error(method, url, exc) from None
         except _TRANSPORT_ERRORS as exc:
             self._count("error")
             raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
@@ -185,6 +207,23 @@ class FhirClient:
         if not isinstance(parsed, dict):
             raise TransientHttpError(f"{method} answered {status} with JSON that is not a resource")
         return parsed
+
+
+def _tls_error(method: str, url: str, exc: requests.exceptions.SSLError) -> Exception:
+    """A certificate that fails verification will fail the same way on every retry: say what to fix.
+    Other TLS failures (a handshake cut short) stay transient."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__ or (cause.args[0] if cause.args and
+                                                         isinstance(cause.args[0], BaseException) else None)
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.netloc}"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        reason = cause.verify_message or cause.reason or "certificate rejected"
+        return FhirError(f"TLS verification of {where} failed ({reason}); set fhir.verify to the CA bundle "
+                         "that signed its certificate")
+    reason = getattr(cause, "reason", None) or type(cause or exc).__name__
+    return TransientHttpError(f"{method} to {where} failed in TLS ({reason})")
 
 
 def _same_origin(url: str, base: str) -> bool:

@@ -97,3 +97,26 @@ def test_a_rejected_transaction_commits_nothing_and_exits_3(tmp_path):
     reopened = State.open(Path(state))
     assert reopened.processed_version("o1") is None  # will be read and written again next run
     assert reopened.watermark() is None
+
+
+def test_batch_is_used_when_the_server_has_no_transactions_and_a_failed_entry_commits_nothing(tmp_path):
+    batch_only = {**CAPABILITY, "rest": [{**CAPABILITY["rest"][0], "interaction": [{"code": "batch"}]}]}
+    outcomes = iter(["201 Created", "400 Bad Request"])
+
+    def batch_answer(request):
+        bundle = json.loads(request.body)
+        assert bundle["type"] == "batch"
+        entries = [{"response": {"status": next(outcomes, "200 OK"), "location": f"Flag/f{i}/_history/1"}}
+                   for i, _ in enumerate(bundle["entry"])]
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
+    state = str(tmp_path / "s.sqlite3")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=batch_only)
+        mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
+                                                  included=[patient("a"), patient("b")]))
+        mock.add_callback(responses.POST, BASE, callback=batch_answer)
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3  # one entry refused
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0  # the page is repeated whole
+        second = [json.loads(c.request.body) for c in mock.calls if c.request.method == "POST"][-1]
+        assert len(second["entry"]) == 2
