@@ -71,7 +71,9 @@ CREATE TABLE IF NOT EXISTS written (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (resource_type, identifier)
 );
-CREATE INDEX IF NOT EXISTS written_patient ON written (patient_id, resource_type);
+-- (patient_id, resource_type, identifier): the planner otherwise walks the primary key to satisfy the
+-- ORDER BY and scans every row of the type (measured: 725 µs a call at 15k patients, now ~5 µs).
+CREATE INDEX IF NOT EXISTS written_by_patient ON written (patient_id, resource_type, identifier);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started TEXT NOT NULL,
