@@ -24,13 +24,24 @@ def age_band(birth_date: date | None, effective: date, pediatric: bool = True) -
     return AgeBand.NEONATE
 
 
-def patient_age_band(patient: Patient | None, effective: date, pediatric: bool = True) -> AgeBand:
-    """A partial birthDate gives a band only when every birth date it allows gives the same one."""
+def patient_age_band(patient: Patient | None, effective: date, pediatric: bool = True,
+                     thresholds: Thresholds | None = None) -> AgeBand:
+    """A partial birthDate gives a band only when every birth date it allows grades the same way: the
+    same band, or (given `thresholds`) bands with identical thresholds, such as the default neonate and
+    infant tables; then the younger band, whose note asks for local verification."""
     if patient is None:
         return AgeBand.UNKNOWN
     youngest = age_band(patient.born_latest, effective, pediatric)
     oldest = age_band(patient.born_earliest, effective, pediatric)
-    return youngest if youngest == oldest else AgeBand.UNKNOWN
+    if youngest == oldest:
+        return youngest
+    if thresholds is not None and _table(youngest, thresholds).bounds == _table(oldest, thresholds).bounds:
+        return youngest
+    return AgeBand.UNKNOWN
+
+
+def _table(band: AgeBand, thresholds: Thresholds) -> Band:
+    return {AgeBand.NEONATE: thresholds.neonate, AgeBand.INFANT: thresholds.infant}.get(band, thresholds.adult)
 
 
 def classify(
@@ -46,8 +57,7 @@ def classify(
         grades = _ctcae_band(thresholds.ctcae, lln_per_ul)
         normal = Grade.CTCAE_0
     else:
-        population = {AgeBand.NEONATE: thresholds.neonate, AgeBand.INFANT: thresholds.infant}
-        chosen = population.get(band, thresholds.adult)
+        chosen = _table(band, thresholds)
         grades = tuple((Grade(name), bound) for name, bound in chosen.bounds)
         normal = Grade.NORMAL
         if chosen.note:

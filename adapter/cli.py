@@ -145,7 +145,10 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
 def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = False,
              window: Window = Window(), max_duration_s: float | None = None,
              collect_rows: bool = False, out: Any = None,
-             metrics_file: str | None = None) -> tuple[int, Summary | None]:
+             metrics_file: str | None = None,
+             retry_only: tuple[str, ...] | None = None) -> tuple[int, Summary | None]:
+    """One pass; `retry_only` grades quarantined Observations again (those ids, or all for ()) without
+    searching and without moving the watermark."""
     mappings = mappings_module.load(config.mappings.path)
     client = _client(config)
     with state_module.locked(state_path):
@@ -161,18 +164,21 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
 
         run: Run | None = None
         try:
-            output = _output(config, client)
-            sink: Any = DryRunSink() if dry_run else ServerSink(client, output)
             work_state = state.scratch_copy() if dry_run else state
+            output = _output(config, client, work_state)
+            sink: Any = DryRunSink() if dry_run else ServerSink(client, output)
             progress = _Progress() if window.backfill and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                       collect_rows=collect_rows, on_page=progress)
-            summary = run.execute(window)
+            summary = run.retry_quarantine(retry_only) if retry_only is not None else run.execute(window)
             if progress:
                 progress.done()
         except Exception as exc:
             code = exc.exit_code if isinstance(exc, AdapterError) else ExitCode.INTERNAL
-            finish(int(code), run.summary.as_dict() if run else {})
+            summary_so_far = run.summary.as_dict() if run else {}
+            finish(int(code), summary_so_far)
+            log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "exit_code": int(code),
+                                           "summary": summary_so_far})
             raise
         if dry_run:
             for planned in sink.planned:
@@ -202,10 +208,18 @@ class _Progress:
         sys.stderr.write("\n")
 
 
-def _output(config: Config, client: FhirClient) -> Output:
-    """What we write and how; the write mode per resource type comes from the server's /metadata."""
+def _output(config: Config, client: FhirClient, state: State) -> Output:
+    """What we write and how. The write mode per resource type comes from the server's /metadata the
+    first time and is then pinned in state: a mode that changed between runs (an upgrade, another node
+    behind the gateway) would create a second copy of every resource written the other way."""
     statement = client.get("metadata")
-    modes = capability.write_modes(statement, config.output.resources)
+    modes = {}
+    for kind, offered in capability.write_modes(statement, config.output.resources).items():
+        modes[kind] = state.pinned(f"write_mode:{kind}", offered)
+        if modes[kind] != offered:
+            log.warning("the server now advertises another write mode; keeping the one in use",
+                        extra={"event": "write-mode-pinned", "resource_type": kind, "pinned": modes[kind],
+                               "offered": offered})
     return Output(system_base=config.output.system_base.rstrip("/"), profile=config.classify.profile,
                   resources=config.output.resources,
                   risk_assessment_for_normal=config.output.risk_assessment_for_normal,
@@ -237,6 +251,7 @@ def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
         "written": state.written_counts(),
         "last_runs": state.last_runs(10),
         "quarantine": [vars(q) for q in state.quarantined()],
+        "write_failures": state.write_failures(),
     }
     if args.json or not sys.stdout.isatty():
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -248,6 +263,10 @@ def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
         s = r["summary"] or {}
         out.write(f"  {r['started']}  {r['mode']:<8} exit={r['exit_code']}  read={s.get('observations_read')}"
                   f" quarantined={s.get('quarantined')} created={s.get('created')} updated={s.get('updated')}\n")
+    if report["write_failures"]:
+        out.write(f"\nwrites the server refused ({len(report['write_failures'])}), retried every run:\n")
+        for f in report["write_failures"]:
+            out.write(f"  Patient/{f['patient_id']}  {f['reason']}  since {f['first_seen']}\n")
     out.write(f"\nquarantine ({len(report['quarantine'])}):\n")
     for q in report["quarantine"]:
         out.write(f"  Observation/{q['observation_id']} v{q['version']}  {q['reason']}  {q['detail']}"
@@ -259,8 +278,7 @@ def _cmd_quarantine(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
     path = Path(config.state.path)
     if args.action == "retry":
-        # A run retries every quarantined Observation first; with no new data it is exactly a retry.
-        code, summary = run_once(config, path, run_id)
+        code, _ = run_once(config, path, run_id, retry_only=tuple(args.ids))
         return code
     with state_module.locked(path):
         state = State.open(path)

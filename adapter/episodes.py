@@ -19,6 +19,7 @@ class Episode:
     first: Graded  # the abnormal count that opened it
     latest: Graded  # the latest abnormal count: the grade the Flag shows
     closed_by: Graded | None  # the normal count that closed it; None while it is open
+    evidence: frozenset[str] = frozenset()  # ids of every abnormal reading in it
 
     @property
     def start(self) -> datetime:
@@ -32,15 +33,18 @@ class Episode:
 def episodes(readings: list[Graded]) -> list[Episode]:
     ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
     found: list[Episode] = []
-    first: Graded | None = None
-    latest: Graded | None = None
+    members: list[Graded] = []
     for graded in ordered:
         if graded[1].grade.abnormal:
-            first = first or graded
-            latest = graded
-        elif first is not None and latest is not None:
-            found.append(Episode(len(found) + 1, first, latest, closed_by=graded))
-            first = latest = None
-    if first is not None and latest is not None:
-        found.append(Episode(len(found) + 1, first, latest, closed_by=None))
+            members.append(graded)
+        elif members:
+            found.append(_episode(len(found) + 1, members, closed_by=graded))
+            members = []
+    if members:
+        found.append(_episode(len(found) + 1, members, closed_by=None))
     return found
+
+
+def _episode(ordinal: int, members: list[Graded], closed_by: Graded | None) -> Episode:
+    return Episode(ordinal, members[0], members[-1], closed_by,
+                   frozenset(reading.observation_id for reading, _ in members))

@@ -47,6 +47,11 @@ class PermanentHttpError(FhirError):
         self.status = status
 
 
+class SearchTruncated(FhirError):
+    """Paging stopped before the server said it was done (page cap, a repeated next link): every page
+    read was processed, but the pass is incomplete and must not move the watermark."""
+
+
 class AuthError(AdapterError):
     exit_code = ExitCode.AUTH
 

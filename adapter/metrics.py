@@ -30,6 +30,11 @@ def write(path: Path, state: State, summary: dict[str, Any], exit_code: int, htt
         if iso:
             gauge(name, doc).set(datetime.fromisoformat(iso).timestamp())
     gauge("anc_adapter_quarantine_size", "Observations in quarantine now").set(len(state.quarantined()))
+    gauge("anc_adapter_write_failures", "Patients whose writes the server refused, retried every run").set(
+        len(state.write_failures()))
+    gauge("anc_adapter_last_run_complete",
+          "1 when the last run read every page (the watermark can move), 0 when it stopped early").set(
+        1 if summary.get("complete") else 0)
     observations = gauge("anc_adapter_last_run_observations",
                          "Observations, and resources written, in the last run by outcome", ("outcome",))
     for outcome in OUTCOMES:

@@ -8,6 +8,7 @@ The watermark moves only at the end of a complete, stable pass."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from adapter import classify, crashpoints, derive, extract, source, writeback
 from adapter.config import Config
+from adapter.errors import PermanentHttpError, SearchTruncated
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
@@ -70,6 +72,7 @@ class Summary:
     malformed: int = 0
     created: int = 0
     updated: int = 0
+    write_failures: int = 0
     unchanged: int = 0
     pages: int = 0
     http_requests: int = 0
@@ -90,6 +93,7 @@ class Summary:
             "malformed": self.malformed,
             "created": self.created,
             "updated": self.updated,
+            "write_failures": self.write_failures,
             "unchanged": self.unchanged,
             "pages": self.pages,
             "http_requests": self.http_requests,
@@ -139,6 +143,7 @@ class Run:
         self.input_kinds = mappings.input_kinds() if config.classify.derive else None
         self.summary = Summary()
         self._abnormal: set[str] = set()
+        self._failing: set[str] = set()  # patients whose writes the server refused
         self._max_seen: datetime | None = None
         self._ids_this_pass: set[str] = set()
         self._stable = True
@@ -147,22 +152,17 @@ class Run:
         started = time.monotonic()
         self._pass_started = self.now()
         self._retry_quarantine()
+        self._retry_write_failures()
         since = window.since if window.backfill else self._live_since()
         codes = self.mappings.anc_codes + tuple(sorted(self.input_kinds or {}))
         params = source.search_params(codes, since, window.until, self.config.fhir.page_size)
         complete = True
-        for page in source.pages(self.client, params):
-            self.summary.pages += 1
-            crashpoints.reach("page-read")
-            self.patients.add(page.patients)
-            self.summary.malformed += page.malformed
-            self._process(page.observations, retry=False)
-            if self.on_page:
-                self.on_page(self.summary, page.total)
-            if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
-                log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
-                complete = False
-                break
+        try:
+            complete = self._read(params, started)
+        except SearchTruncated as exc:
+            log.warning("the search stopped early; the watermark stays", extra={"event": "search-truncated",
+                                                                                 "error": str(exc)})
+            complete = False
         self.summary.complete = complete
         if complete and not window.backfill and self._stable and self._max_seen is not None:
             with self.state.transaction():
@@ -175,103 +175,183 @@ class Run:
         self.summary.duration_s = time.monotonic() - started
         return self.summary
 
+    def _read(self, params: dict[str, Any], started: float) -> bool:
+        """Process every page; False when --max-duration stopped it first."""
+        for page in source.pages(self.client, params):
+            self.summary.pages += 1
+            crashpoints.reach("page-read")
+            self.patients.add(page.patients)
+            self.summary.malformed += page.malformed
+            self._process(page.observations, retry=False)
+            if self.on_page:
+                self.on_page(self.summary, page.total)
+            if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
+                log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
+                return False
+        return True
+
+    def _retry_write_failures(self) -> None:
+        self._failing = {f["patient_id"] for f in self.state.write_failures()}
+        if self._failing:
+            self._process([], retry=True, also_plan=sorted(self._failing))
+
     def _live_since(self) -> datetime:
         watermark = self.state.watermark()
         if watermark is None:
             return self.now() - self.config.poll.lookback
         return datetime.fromisoformat(watermark) - self.config.poll.overlap_delta
 
-    def _retry_quarantine(self) -> None:
+    def retry_quarantine(self, ids: tuple[str, ...] = ()) -> Summary:
+        """`anc-adapter quarantine retry [ID…]`: grade quarantined Observations again, nothing else."""
+        started = time.monotonic()
+        self._retry_quarantine(ids)
+        self.summary.watermark = self.state.watermark()
+        self.summary.http_requests = self.client.request_count
+        self.summary.duration_s = time.monotonic() - started
+        return self.summary
+
+    def _retry_quarantine(self, ids: tuple[str, ...] = ()) -> None:
         """Quarantined Observations are graded again on every run, so a mapping fix clears the backlog."""
-        resources = self.state.quarantined_resources()
+        resources = [r for r in self.state.quarantined_resources() if not ids or r.get("id") in ids]
         if resources:
             self.summary.quarantine_retried = len(resources)
             self._process(resources, retry=True)
 
-    def _process(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
+    def _process(self, observations: Iterable[dict[str, Any]], retry: bool,
+                 also_plan: Iterable[str] = ()) -> None:
         now = _iso(self.now())
-        touched: set[str] = set()
+        touched: set[str] = set(also_plan)
         self._abnormal = set()  # patients with an abnormal count graded in this batch
         groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
             for resource in observations:
-                patient_id = self._record(resource, retry, now, groups)
-                if patient_id:
-                    touched.add(patient_id)
+                touched |= self._record(resource, retry, now, groups)
             for patient_id, effective in sorted(groups):
                 if self._derive(patient_id, effective, now):
                     touched.add(patient_id)
+            touched.discard("")
             crashpoints.reach("classified")
             planned: list[writeback.Planned] = []
             for patient_id in sorted(touched):
-                previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
-                if not any(previously.values()) and patient_id not in self._abnormal \
-                        and not self.output.risk_assessment_for_normal:
-                    continue  # only normal counts and nothing written before: nothing can change
-                mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output)
-                rewritten = {(p.resource_type, p.identifier) for p in mine}
-                self.summary.unchanged += sum(
-                    (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
-                )
-                planned += mine
+                planned += self._plan(patient_id)
             if planned:
-                for written, created in self.sink.send(planned):
-                    self.state.record_written(written, now)
-                    if created:
-                        self.summary.created += 1
-                    else:
-                        self.summary.updated += 1
+                self._write(planned, now)
         crashpoints.reach("committed")
 
+    def _plan(self, patient_id: str) -> list[writeback.Planned]:
+        previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
+        if not any(previously.values()) and patient_id not in self._abnormal \
+                and not self.output.risk_assessment_for_normal and patient_id not in self._failing:
+            return []  # only normal counts and nothing written before: nothing can change
+        mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output)
+        rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
+        self.summary.unchanged += sum(
+            (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
+        )
+        if not mine and patient_id in self._failing:  # nothing left to write: the failure is over
+            self.state.clear_write_failure(patient_id)
+            self._failing.discard(patient_id)
+        return mine
+
+    def _write(self, planned: list[writeback.Planned], now: str) -> None:
+        """Send the page's writes as one bundle. If the server refuses it for good (a 4xx), send each
+        patient's writes alone, so one patient the server will not accept (a merged Patient, a validator
+        rule) does not stop every other patient's alerts; the refused ones are kept in state with the
+        reason, shown by `status`, and tried again on every run."""
+        to_send = [p for p in planned if p.send]
+        refused: set[str] = set()
+        try:
+            results = self.sink.send(to_send) if to_send else []
+        except PermanentHttpError as exc:
+            log.warning("the server refused a write bundle: sending patient by patient",
+                        extra={"event": "write-refused", "error": str(exc)})
+            results = []
+            for patient_id, group in itertools.groupby(to_send, key=lambda p: p.patient_id):
+                writes = list(group)
+                try:
+                    results += self.sink.send(writes)
+                except PermanentHttpError as exc:
+                    self.state.record_write_failure(patient_id, str(exc), now)
+                    self._failing.add(patient_id)
+                    refused.add(patient_id)
+                    self.summary.write_failures += 1
+                    log.error("the server refused this patient's writes; kept for the next run",
+                              extra={"event": "write-failure", "patient_id": patient_id, "error": str(exc)})
+        for written, created in results:
+            self.state.record_written(written, now)
+            if written.patient_id in self._failing:
+                self.state.clear_write_failure(written.patient_id)
+                self._failing.discard(written.patient_id)
+            if created:
+                self.summary.created += 1
+            else:
+                self.summary.updated += 1
+        for bookkeeping in (p for p in planned if not p.send and p.patient_id not in refused):
+            self.state.record_written(bookkeeping.written(None), now)
+
     def _record(self, resource: dict[str, Any], retry: bool, now: str,
-                groups: set[tuple[str, datetime]]) -> str | None:
-        """Ledger one Observation version; return its patient when that patient's outputs may change.
-        With derived ANC on, add the (patient, effective time) groups whose derivation may change."""
+                groups: set[tuple[str, datetime]]) -> set[str]:
+        """Ledger one Observation version; return the patients whose outputs may change (two when the
+        lab moved the result to another patient). With derived ANC on, add the (patient, effective time)
+        groups whose derivation may change."""
         extracted = extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
         if extracted is None:
             self.summary.malformed += 1
-            return None
+            return set()
         seen = extracted.seen
         if not retry:
             self.summary.observations_read += 1
             self._note_pass(seen)
-        prior = self.state.processed_version(seen.observation_id)
-        if not retry and prior == seen.version:
+        prior = self.state.ledger(seen.observation_id)
+        if not retry and prior is not None and (
+            prior.version == seen.version or prior.newer_than(seen.version, seen.last_updated)
+        ):
             self.summary.already_processed += 1
-            return None
+            return set()
+        # The patient it was filed to before must be re-planned too (a result moved to another patient).
+        touched = {prior.patient_id} if prior is not None and prior.patient_id else set()
         outcome = extracted.outcome
         if self.input_kinds is not None:
-            self._note_groups(seen.observation_id, outcome, groups)
+            self._note_groups(seen.observation_id, prior, outcome, groups)
         if isinstance(outcome, DeriveInput):
             self.state.record_input(outcome, seen.status, now)
-            return None
+            return touched
         if outcome is None:
             withdrawn = seen.status in WITHDRAWN_STATUSES
             self.summary.withdrawn += withdrawn
             self.summary.ignored += not withdrawn
             self.state.record_outcome(seen.observation_id, seen.version, seen.status, seen.patient_id,
-                                      "withdrawn" if withdrawn else "ignored", now)
-            return seen.patient_id if prior is not None else None
+                                      "withdrawn" if withdrawn else "ignored", now, seen.last_updated)
+            return touched
         if isinstance(outcome, Reading):
             graded = self._classify(outcome)
             if isinstance(graded, Classification):
-                self.state.record_classified(outcome, graded, now)
+                self.state.record_classified(outcome, graded, now, seen.last_updated)
                 self._graded(outcome.patient_id, graded)
                 self._row(outcome, graded)
-                return outcome.patient_id
+                return touched | {outcome.patient_id}
             outcome = graded
         self.summary.quarantined += 1
-        self.state.quarantine(seen.observation_id, seen.version, seen.patient_id, outcome, resource, now)
+        # A new version we cannot grade leaves the last graded one in effect for the same patient: a unit
+        # spelling must not retract a live alert. Moved to another patient, it can no longer stand.
+        keep = prior is not None and prior.outcome == "classified" and prior.patient_id == seen.patient_id
+        self.state.quarantine(seen.observation_id, seen.version, seen.patient_id, outcome, resource, now,
+                              keep_reading=keep)
         log.info("observation quarantined", extra={
             "event": "quarantined", "observation_id": seen.observation_id, "reason": outcome.reason.value,
+            "previous_grade_kept": keep,
         })
-        return seen.patient_id if prior is not None else None
+        return set() if keep else touched
 
-    def _note_groups(self, observation_id: str, outcome: Any, groups: set[tuple[str, datetime]]) -> None:
-        """A derived ANC depends on its inputs and on whether a measured ANC exists at the same time."""
+    def _note_groups(self, observation_id: str, prior: Any, outcome: Any,
+                     groups: set[tuple[str, datetime]]) -> None:
+        """A derived ANC depends on its inputs and on whether a measured ANC exists at the same time:
+        re-derive where this Observation was, and where it is now."""
         before = self.state.input_group(observation_id)
         if before is not None:
             groups.add(before)
+        if prior is not None and prior.outcome == "classified" and not prior.derived and prior.effective:
+            groups.add((prior.patient_id, prior.effective))
         if isinstance(outcome, (Reading, DeriveInput)):
             groups.add((outcome.patient_id, outcome.effective))
 
@@ -305,7 +385,8 @@ class Run:
 
     def _classify(self, reading: Reading) -> Classification | Quarantine:
         patient = self.patients.get(reading.patient_id)
-        band = classify.patient_age_band(patient, reading.effective.date(), self.config.classify.pediatric)
+        band = classify.patient_age_band(patient, reading.effective.date(), self.config.classify.pediatric,
+                                         self.mappings.thresholds)
         lln = reading.lln_per_ul if reading.lln_per_ul is not None else self.config.classify.default_lln
         return classify.classify(reading.count, band, self.config.classify.profile,
                                  self.mappings.thresholds, lln)

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS observations (
     age_band TEXT,
     notes TEXT,
     sources TEXT,                       -- JSON list of input Observation ids for a derived ANC
-    processed_at TEXT NOT NULL
+    processed_at TEXT NOT NULL,
+    last_updated TEXT                   -- the server's meta.lastUpdated of this version
 );
 CREATE INDEX IF NOT EXISTS observations_patient ON observations (patient_id, outcome);
 CREATE TABLE IF NOT EXISTS derive_inputs (
@@ -68,12 +69,19 @@ CREATE TABLE IF NOT EXISTS written (
     status TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     server_id TEXT,
+    evidence TEXT,                      -- Flag: JSON list of the episode's abnormal Observation ids
     updated_at TEXT NOT NULL,
     PRIMARY KEY (resource_type, identifier)
 );
 -- (patient_id, resource_type, identifier): the planner otherwise walks the primary key to satisfy the
 -- ORDER BY and scans every row of the type (measured: 725 µs a call at 15k patients, now ~5 µs).
 CREATE INDEX IF NOT EXISTS written_by_patient ON written (patient_id, resource_type, identifier);
+CREATE TABLE IF NOT EXISTS write_failures (  -- patients whose writes the server refused (4xx)
+    patient_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started TEXT NOT NULL,
@@ -93,6 +101,24 @@ class Written:
     status: str
     content_hash: str
     server_id: str | None
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ledgered:
+    version: str
+    patient_id: str
+    outcome: str
+    effective: datetime | None
+    last_updated: str
+    derived: bool
+
+    def newer_than(self, version: str, last_updated: str) -> bool:
+        """Is what we recorded newer than this version? (A lagging replica can serve an old one.)"""
+        if self.version.isdigit() and version.isdigit():
+            return int(self.version) > int(version)
+        mine, theirs = _parsed(self.last_updated), _parsed(last_updated)
+        return mine is not None and theirs is not None and mine > theirs
 
 
 @dataclass(frozen=True)
@@ -148,31 +174,44 @@ class State:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('watermark', ?)", (value,))
 
     # -- ledger ----------------------------------------------------------------------------------
+    def ledger(self, observation_id: str) -> Ledgered | None:
+        """What we last recorded for this Observation."""
+        row = self.db.execute(
+            "SELECT version, patient_id, outcome, effective, last_updated, sources FROM observations"
+            " WHERE observation_id = ?", (observation_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return Ledgered(row["version"], row["patient_id"], row["outcome"],
+                        datetime.fromisoformat(row["effective"]) if row["effective"] else None,
+                        row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")))
+
     def processed_version(self, observation_id: str) -> str | None:
         row = self.db.execute(
             "SELECT version FROM observations WHERE observation_id = ?", (observation_id,)
         ).fetchone()
         return row["version"] if row else None
 
-    def record_classified(self, reading: Reading, result: Classification, now: str) -> None:
+    def record_classified(self, reading: Reading, result: Classification, now: str,
+                          last_updated: str = "") -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO observations VALUES (?,?,?,?, 'classified', ?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO observations VALUES (?,?,?,?, 'classified', ?,?,?,?,?,?,?,?,?,?,?)",
             (
                 reading.observation_id, reading.version, reading.status, reading.patient_id,
                 reading.effective.isoformat(), reading.count.anc_per_ul, reading.count.comparator,
                 reading.lln_per_ul, result.grade.value, int(result.at_least), result.age_band.value,
-                json.dumps(list(result.notes)), json.dumps(list(reading.sources)), now,
+                json.dumps(list(result.notes)), json.dumps(list(reading.sources)), now, last_updated,
             ),
         )
         self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
-                       outcome: str, now: str) -> None:
+                       outcome: str, now: str, last_updated: str = "") -> None:
         """A version that is not (or no longer) a usable reading: quarantined, withdrawn or ignored."""
         self.db.execute(
             "INSERT OR REPLACE INTO observations (observation_id, version, status, patient_id, outcome,"
-            " processed_at) VALUES (?,?,?,?,?,?)",
-            (observation_id, version, status, patient_id, outcome, now),
+            " processed_at, last_updated) VALUES (?,?,?,?,?,?,?)",
+            (observation_id, version, status, patient_id, outcome, now, last_updated),
         )
         if outcome != "quarantined":
             self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (observation_id,))
@@ -226,15 +265,18 @@ class State:
 
     # -- quarantine ------------------------------------------------------------------------------
     def quarantine(self, observation_id: str, version: str, patient_id: str, why: Quarantine,
-                   resource: dict[str, Any], now: str) -> None:
+                   resource: dict[str, Any], now: str, keep_reading: bool = False) -> None:
+        """Quarantine this version. keep_reading: an earlier version was graded and stays in effect until
+        this one can be graded (a unit spelling must not retract a live alert)."""
         self.db.execute(
             "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (observation_id) DO UPDATE SET"
             " version = excluded.version, reason = excluded.reason, detail = excluded.detail,"
             " patient_id = excluded.patient_id, last_seen = excluded.last_seen, resource = excluded.resource",
             (observation_id, version, patient_id, why.reason.value, why.detail, now, now, json.dumps(resource)),
         )
-        self.record_outcome(observation_id, version, str(resource.get("status", "")), patient_id,
-                            "quarantined", now)
+        if not keep_reading:
+            self.record_outcome(observation_id, version, str(resource.get("status", "")), patient_id,
+                                "quarantined", now)
 
     def quarantined(self, ids: list[str] | None = None) -> list[QuarantineEntry]:
         rows = self.db.execute(
@@ -263,13 +305,17 @@ class State:
             "SELECT * FROM written WHERE patient_id = ? AND resource_type = ? ORDER BY identifier",
             (patient_id, resource_type),
         ).fetchall()
-        return [Written(**{k: row[k] for k in row.keys() if k != "updated_at"}) for row in rows]
+        return [
+            Written(row["resource_type"], row["identifier"], row["patient_id"], row["status"],
+                    row["content_hash"], row["server_id"], tuple(json.loads(row["evidence"] or "[]")))
+            for row in rows
+        ]
 
     def record_written(self, item: Written, now: str) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO written VALUES (?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO written VALUES (?,?,?,?,?,?,?,?)",
             (item.resource_type, item.identifier, item.patient_id, item.status, item.content_hash,
-             item.server_id, now),
+             item.server_id, json.dumps(list(item.evidence)), now),
         )
 
     def written_counts(self) -> dict[str, int]:
@@ -277,6 +323,28 @@ class State:
             "SELECT resource_type || ':' || status AS k, count(*) AS n FROM written GROUP BY k"
         )
         return {row["k"]: row["n"] for row in rows}
+
+    # -- writes the server refused ----------------------------------------------------------------
+    def record_write_failure(self, patient_id: str, reason: str, now: str) -> None:
+        self.db.execute(
+            "INSERT INTO write_failures VALUES (?,?,?,?) ON CONFLICT (patient_id) DO UPDATE SET"
+            " reason = excluded.reason, last_seen = excluded.last_seen",
+            (patient_id, reason, now, now),
+        )
+
+    def clear_write_failure(self, patient_id: str) -> None:
+        self.db.execute("DELETE FROM write_failures WHERE patient_id = ?", (patient_id,))
+
+    def write_failures(self) -> list[dict[str, str]]:
+        rows = self.db.execute("SELECT * FROM write_failures ORDER BY first_seen, patient_id").fetchall()
+        return [dict(row) for row in rows]
+
+    # -- settings fixed at first use -------------------------------------------------------------
+    def pinned(self, key: str, value: str) -> str:
+        """The value stored under `key`, storing `value` first if there is none."""
+        with self.transaction():
+            self._set_meta_default(key, value)
+        return self._meta(key) or value
 
     # -- runs ------------------------------------------------------------------------------------
     def start_run(self, run_id: str, started: str, mode: str) -> None:
@@ -351,3 +419,10 @@ def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
 
 def _utc(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
+
+
+def _parsed(instant: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(instant.replace("Z", "+00:00")) if instant else None
+    except ValueError:
+        return None

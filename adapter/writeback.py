@@ -66,7 +66,8 @@ class Output:
 
 @dataclass(frozen=True)
 class Planned:
-    """One write: the validated resource, and what state records once the server accepted it."""
+    """One change: the validated resource, and what state records once the server accepted it.
+    `send` is False when only our bookkeeping changes (a Flag's evidence grew, its content did not)."""
 
     resource_type: str
     identifier: str
@@ -74,10 +75,13 @@ class Planned:
     status: str
     content_hash: str
     resource: dict[str, Any]
+    server_id: str | None = None  # known from an earlier write: update that resource by id
+    evidence: tuple[str, ...] = ()
+    send: bool = True
 
     def written(self, server_id: str | None) -> Written:
         return Written(self.resource_type, self.identifier, self.patient_id, self.status,
-                       self.content_hash, server_id)
+                       self.content_hash, server_id or self.server_id, self.evidence)
 
 
 def plan_patient(
@@ -96,21 +100,50 @@ def plan_patient(
 
 
 def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Written], output: Output) -> list[Planned]:
+    """One Flag per episode. An episode keeps the Flag whose evidence it shares, so a late older count,
+    a backfilled earlier episode or a withdrawn count never renumbers or swaps the patient's Flags. An
+    episode sharing nothing takes over a Flag whose evidence is all gone (a measured count replacing a
+    derived one, a result re-filed), else gets a new identifier from its first abnormal Observation
+    (deterministic, so a rerun after a crash finds the same one). A Flag left over is entered-in-error."""
     before = {w.identifier: w for w in previously}
-    wanted: dict[str, tuple[str, dict[str, Any]]] = {}
-    for episode in episodes(readings):
-        identifier = f"{patient_id}-{episode.ordinal}"
+    live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
+    found = episodes(readings)
+    claimed: dict[int, Written] = {}
+    for index, episode in enumerate(found):
+        overlap = [w for w in live if w not in claimed.values() and episode.evidence & set(w.evidence)]
+        if overlap:
+            claimed[index] = max(overlap, key=lambda w: (len(episode.evidence & set(w.evidence)), w.identifier))
+    current = set().union(*(e.evidence for e in found)) if found else set()
+    orphans = [w for w in live if w not in claimed.values() and not current & set(w.evidence)]
+    for index in reversed(range(len(found))):  # the most recent episode first
+        if index not in claimed and orphans:
+            claimed[index] = orphans.pop()
+    wanted: dict[str, tuple[str, dict[str, Any], frozenset[str]]] = {}
+    for index, episode in enumerate(found):
+        match = claimed.get(index)
+        identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
         status = "active" if episode.closed_by is None else "inactive"
-        wanted[identifier] = (status, _flag(patient_id, identifier, status, episode, output))
+        wanted[identifier] = (status, _flag(patient_id, identifier, status, episode, output), episode.evidence)
     for identifier, written in before.items():
         if identifier not in wanted and written.status != "entered-in-error":
-            # The evidence for this episode was withdrawn (or an episode merged away).
-            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output))
+            # No remaining evidence: withdrawn, amended away, or merged into an older episode.
+            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
+                                  frozenset(written.evidence))
     return [
         planned
-        for identifier, (status, body) in sorted(wanted.items())
-        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier)))
+        for identifier, (status, body, evidence) in sorted(wanted.items())
+        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier),
+                             tuple(sorted(evidence))))
     ]
+
+
+def _new_identifier(patient_id: str, episode: Episode, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
+    base = f"{patient_id}-{episode.first[0].observation_id}"
+    identifier, n = base, 1
+    while identifier in taken or identifier in wanted:
+        n += 1
+        identifier = f"{base}-{n}"
+    return identifier
 
 
 def _plan_risk_assessments(
@@ -140,13 +173,17 @@ def _plan_risk_assessments(
 
 def _plan(
     resource_type: str, identifier: str, patient_id: str, status: str, body: dict[str, Any],
-    prior: Written | None,
+    prior: Written | None, evidence: tuple[str, ...] = (),
 ) -> Planned | None:
     content_hash = _hash(body)
+    server_id = prior.server_id if prior else None
     if prior is not None and prior.content_hash == content_hash and prior.status == status:
-        return None
+        if prior.evidence == evidence:
+            return None
+        return Planned(resource_type, identifier, patient_id, status, content_hash, {}, server_id, evidence,
+                       send=False)
     resource = _validated(resource_type, {**body, "status": status})
-    return Planned(resource_type, identifier, patient_id, status, content_hash, resource)
+    return Planned(resource_type, identifier, patient_id, status, content_hash, resource, server_id, evidence)
 
 
 def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
@@ -155,7 +192,10 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
     the next run repeats the entries that did succeed, harmlessly."""
     entries = []
     for p in planned:
-        url, resource_id = output.request(p.resource_type, p.identifier)
+        if p.server_id:  # we know its id: a plain update, no search, whatever the server says it supports
+            url, resource_id = f"{p.resource_type}/{p.server_id}", p.server_id
+        else:
+            url, resource_id = output.request(p.resource_type, p.identifier)
         resource = {**p.resource, "id": resource_id} if resource_id else p.resource
         entries.append({
             "fullUrl": f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}",
@@ -179,7 +219,9 @@ def accepted(planned: list[Planned], response: dict[str, Any]) -> list[tuple[Wri
         answer = entry.get("response") if isinstance(entry, dict) else None
         status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
         if not status[:1] == "2":
-            raise PermanentHttpError(f"the server did not accept a {plan.resource_type} write ({status or '?'})")
+            code = int(status[:3]) if status[:3].isdigit() else None
+            raise PermanentHttpError(f"the server did not accept a {plan.resource_type} write ({status or '?'})",
+                                     status=code)
         server_id = _server_id(plan.resource_type, answer.get("location"), entry)
         written.append((plan.written(server_id), status.startswith("201")))
     return written

@@ -27,7 +27,7 @@ from tenacity import (
     wait_random,
 )
 
-from adapter.errors import AuthError, FhirError, PermanentHttpError, TransientHttpError
+from adapter.errors import AuthError, FhirError, PermanentHttpError, SearchTruncated, TransientHttpError
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,8 @@ class FhirClient:
                         url = self._next_link(bundle)
                     except PermanentHttpError as exc:  # this page is good: hand it over, then refuse
                         url, refused = None, exc
-                    if url in seen_links:
-                        log.warning("paging stopped: the server repeated a next link",
-                                    extra={"event": "paging-loop"})
+                    looped = url in seen_links
+                    if looped:
                         url = None
                     if url is not None:
                         seen_links.add(url)
@@ -139,9 +138,11 @@ class FhirClient:
                     yield bundle
                     if refused is not None:
                         raise refused
+                    if looped:
+                        raise SearchTruncated("paging stopped: the server repeated a next link")
                     if url is None:
                         return
-                log.warning("paging stopped at the page cap", extra={"event": "page-cap", "pages": self.max_pages})
+                raise SearchTruncated(f"paging stopped at the page cap ({self.max_pages} pages)")
             finally:
                 pending.cancel()
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 import responses
 
-from adapter.errors import AuthError, PermanentHttpError, TransientHttpError
+from adapter.errors import AuthError, PermanentHttpError, SearchTruncated, TransientHttpError
 from adapter.fhir.client import FhirClient, RetryPolicy
 
 BASE = "https://fhir.example.org/r4"
@@ -82,7 +82,11 @@ def test_paging_stops_on_a_repeated_next_link():
     responses.get(f"{BASE}/Observation", json=bundle("a", next_url=f"{BASE}/loop"))
     responses.get(f"{BASE}/loop", json=bundle("b", next_url=f"{BASE}/loop"))
     fhir, _ = client()
-    assert ids(fhir.search("Observation", {})) == [["a"], ["b"]]
+    pages = []
+    with pytest.raises(SearchTruncated, match="repeated a next link"):
+        for page in fhir.search("Observation", {}):
+            pages.append(page)
+    assert ids(pages) == [["a"], ["b"]]  # every page read is handed over before the pass is called short
     assert len(responses.calls) == 2
 
 
@@ -92,7 +96,11 @@ def test_paging_stops_at_the_page_cap():
     for n in range(1, 10):
         responses.get(f"{BASE}/p?n={n}", json=bundle(f"x{n}", next_url=f"{BASE}/p?n={n + 1}"))
     fhir, _ = client(max_pages=3)
-    assert len(list(fhir.search("Observation", {}))) == 3
+    pages = []
+    with pytest.raises(SearchTruncated, match="page cap"):
+        for page in fhir.search("Observation", {}):
+            pages.append(page)
+    assert len(pages) == 3
 
 
 @responses.activate

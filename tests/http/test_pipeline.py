@@ -84,19 +84,37 @@ def test_search_asks_for_every_anc_code_since_watermark_minus_overlap(server, tm
     assert len(posted(server)) == 1  # the re-read of the same version wrote nothing
 
 
-def test_a_rejected_transaction_commits_nothing_and_exits_3(tmp_path):
+def test_a_patient_whose_writes_the_server_refuses_does_not_block_the_others(tmp_path, capsys):
+    refuse_a = {"on": True}
+
+    def answer(request):
+        bundle = json.loads(request.body)
+        if refuse_a["on"] and any(e["resource"]["subject"]["reference"] == "Patient/a" for e in bundle["entry"]):
+            return 422, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "invalid"}]})
+        return transaction_echo(request)
+
+    state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
-        mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), included=[patient("a")]))
-        mock.post(BASE, status=422, json={"resourceType": "OperationOutcome", "issue": [{"code": "invalid"}]})
-        state = str(tmp_path / "s.sqlite3")
-        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3
-    from adapter.state import State
-    from pathlib import Path
+        mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
+                                                  included=[patient("a"), patient("b")]))
+        mock.add_callback(responses.POST, BASE, callback=answer)
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        accepted = [e for b in posted(mock) for e in b["entry"]]
+        assert any(e["resource"]["subject"]["reference"] == "Patient/b" for e in accepted)
+        capsys.readouterr()
+        assert main(["status", "--json", "--state", state]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [f["patient_id"] for f in report["write_failures"]] == ["a"]
+        assert "422" in report["write_failures"][0]["reason"]
 
-    reopened = State.open(Path(state))
-    assert reopened.processed_version("o1") is None  # will be read and written again next run
-    assert reopened.watermark() is None
+        refuse_a["on"] = False  # the site fixed whatever the server objected to
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        last = posted(mock)[-1]
+        assert [e["resource"]["subject"]["reference"] for e in last["entry"]] == ["Patient/a"]
+        capsys.readouterr()
+        assert main(["status", "--json", "--state", state]) == 0
+        assert json.loads(capsys.readouterr().out)["write_failures"] == []
 
 
 def test_batch_is_used_when_the_server_has_no_transactions_and_a_failed_entry_commits_nothing(tmp_path):
@@ -116,7 +134,67 @@ def test_batch_is_used_when_the_server_has_no_transactions_and_a_failed_entry_co
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.add_callback(responses.POST, BASE, callback=batch_answer)
-        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3  # one entry refused
-        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0  # the page is repeated whole
-        second = [json.loads(c.request.body) for c in mock.calls if c.request.method == "POST"][-1]
-        assert len(second["entry"]) == 2
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        bodies = [json.loads(c.request.body) for c in mock.calls if c.request.method == "POST"]
+        # The batch with a refused entry is not trusted as a whole: each patient is sent again alone
+        # (the entry that did succeed is repeated harmlessly: it is a PUT to the same identity).
+        assert [len(b["entry"]) for b in bodies] == [2, 1, 1]
+
+
+def test_an_older_version_served_after_a_newer_one_is_ignored(server, tmp_path):
+    v2 = anc("o1", "a", 3.0, status="corrected", meta={"versionId": "2", "lastUpdated": "2026-11-20T10:00:00Z"})
+    v1 = anc("o1", "a", 0.3, meta={"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"})
+    server.get(f"{BASE}/Observation", json=page(v2, included=[patient("a")]))
+    server.get(f"{BASE}/Observation", json=page(v1, included=[patient("a")]))  # a lagging replica
+    state = str(tmp_path / "s.sqlite3")
+    assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    assert posted(server) == []  # 3000 is normal; the stale 300 must not raise an alert
+
+
+def test_the_write_mode_is_pinned_at_first_use(tmp_path):
+    without_conditional = {**CAPABILITY, "rest": [{**CAPABILITY["rest"][0], "resource": []}]}
+    state = str(tmp_path / "s.sqlite3")
+    urls = []
+    for statement, observation in ((CAPABILITY, anc("o1", "a", 0.4)), (without_conditional, anc("o2", "b", 0.4))):
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+            mock.get(f"{BASE}/metadata", json=statement)
+            mock.get(f"{BASE}/Observation", json=page(observation, included=[patient("a"), patient("b")]))
+            mock.add_callback(responses.POST, BASE, callback=transaction_echo)
+            assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+            urls += [e["request"]["url"] for b in posted(mock) for e in b["entry"]]
+    assert all(url.startswith("Flag?identifier=") for url in urls), urls
+
+
+def test_a_failed_run_still_logs_one_summary_line(tmp_path, capsys):
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(f"{BASE}/Observation", status=400)
+        assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3"), "--log-format", "json"]) == 3
+    summaries = [json.loads(l) for l in capsys.readouterr().err.splitlines() if '"run-summary"' in l]
+    assert len(summaries) == 1 and summaries[0]["exit_code"] == 3
+
+
+def test_quarantine_retry_grades_only_the_named_ids_and_does_not_search(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    site = tmp_path / "mappings"
+    shutil.copytree(Path(__file__).parents[2] / "mappings", site)
+    config = tmp_path / "adapter.toml"
+    config.write_text(f'[mappings]\npath = "{site}"\n')
+    state = str(tmp_path / "s.sqlite3")
+    args = ["--config", str(config), "--fhir-url", BASE, "--state", state]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(f"{BASE}/Observation", json=page(anc("q1", "a", 0.4, unit="Giga/L"), anc("q2", "b", 0.4, unit="Giga/L"),
+                                                  included=[patient("a"), patient("b")]))
+        mock.get(f"{BASE}/Patient/a", json=patient("a"))
+        mock.add_callback(responses.POST, BASE, callback=transaction_echo)
+        assert main(["run", *args]) == 0
+        (site / "units.toml").write_text((site / "units.toml").read_text() + '"Giga/L" = 1000\n')
+        searches = sum("/Observation" in c.request.url for c in mock.calls)
+        assert main(["quarantine", "retry", "q1", *args]) == 0
+        assert sum("/Observation" in c.request.url for c in mock.calls) == searches  # no new search
+        written = [e["resource"]["subject"]["reference"] for b in posted(mock) for e in b["entry"]]
+        assert written == ["Patient/a"]

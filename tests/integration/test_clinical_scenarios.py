@@ -231,3 +231,65 @@ def test_neonate_and_unknown_age_are_said_in_the_flag_text(fhir_server, adapter)
     [unknown] = fhir_server.flags("nobirth")
     assert grade(unknown) == "mild"  # adult thresholds when the age is unknown
     assert "age unknown: adult thresholds" in unknown["code"]["text"]
+
+
+# -- found in review: identity, moves and superseded versions --------------------------------------------
+
+def test_a_result_moved_to_another_patient_moves_the_alert(fhir_server, adapter):
+    fhir_server.load(patient("wrong"), patient("right"), anc("o1", "wrong", 0.3))
+    adapter()
+    assert [f["status"] for f in fhir_server.flags("wrong")] == ["active"]
+    fhir_server.load(anc("o1", "right", 0.3, status="corrected"))  # the lab re-files it
+    adapter()
+    assert [f["status"] for f in fhir_server.flags("wrong")] == ["entered-in-error"]
+    assert [(f["status"], grade(f)) for f in fhir_server.flags("right")] == [("active", "severe")]
+
+
+def test_an_amendment_in_an_unknown_unit_keeps_the_live_alert_until_it_can_be_graded(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("o1", "p", 0.3))
+    adapter()
+    fhir_server.load(anc("o1", "p", 0.25, unit="x10^3/µL", status="amended"))
+    adapter()
+    [flag] = fhir_server.flags("p")
+    assert (flag["status"], grade(flag)) == ("active", "severe")  # not retracted over a unit spelling
+    [risk] = fhir_server.risk_assessments("p")
+    assert risk["status"] == "final"
+
+
+def test_a_backfilled_older_episode_does_not_renumber_or_swap_the_current_flag(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("now", "p", 0.3, effective="2026-11-20T08:00:00Z"))
+    adapter()
+    [current] = fhir_server.flags("p")
+    fhir_server.load(anc("oct-low", "p", 0.9, effective="2026-10-01T08:00:00Z"),
+                     anc("oct-ok", "p", 2.5, effective="2026-10-08T08:00:00Z"))
+    adapter()
+    flags = {f["id"]: f for f in fhir_server.flags("p")}
+    assert flags[current["id"]]["status"] == "active"  # same resource, still the live alert
+    assert grade(flags[current["id"]]) == "severe"
+    assert flags[current["id"]]["meta"]["versionId"] == current["meta"]["versionId"]  # not even touched
+    [older] = [f for i, f in flags.items() if i != current["id"]]
+    assert older["status"] == "inactive" and older["period"]["end"].startswith("2026-10-08")
+
+
+def test_withdrawing_a_closed_older_episode_leaves_the_current_flag_alone(fhir_server, adapter):
+    fhir_server.load(patient("p"), anc("oct-low", "p", 0.9, effective="2026-10-01T08:00:00Z"),
+                     anc("oct-ok", "p", 2.5, effective="2026-10-08T08:00:00Z"),
+                     anc("now", "p", 0.3, effective="2026-11-20T08:00:00Z"))
+    adapter()
+    [current] = [f for f in fhir_server.flags("p") if f["status"] == "active"]
+    fhir_server.load(anc("oct-low", "p", 0.9, effective="2026-10-01T08:00:00Z", status="entered-in-error"))
+    adapter()
+    flags = {f["id"]: f for f in fhir_server.flags("p")}
+    assert flags[current["id"]]["status"] == "active" and grade(flags[current["id"]]) == "severe"
+    assert sorted(f["status"] for f in flags.values()) == ["active", "entered-in-error"]
+
+
+def test_derived_anc_returns_when_the_measured_one_at_that_time_is_withdrawn(fhir_server, deriving):
+    fhir_server.load(patient("p"), wbc("w", "p", 1.0), percent("n", "p", 30, "770-8"),
+                     anc("m", "p", 2.0))
+    assert main(deriving) == 0
+    assert fhir_server.flags("p") == []  # the measured 2000 wins: normal
+    fhir_server.load(anc("m", "p", 2.0, status="entered-in-error"))
+    assert main(deriving) == 0
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "severe"  # derived 1000 × 30 % = 300

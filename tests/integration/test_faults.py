@@ -70,19 +70,22 @@ def cycle_resources(cycle: int) -> list[dict]:
 
 
 def expected_flags() -> set[tuple[str, str, str]]:
-    """(identifier, status, grade) of every Flag: one per episode of consecutive abnormal counts."""
+    """(identifier, status, grade) of every Flag: one per episode of consecutive abnormal counts, named
+    after the episode's first abnormal Observation."""
     flags = set()
     for patient_id, values in _patients():
-        ordinal, latest = 0, None
-        for anc_per_ul in [v for v in values if v is not None]:
+        first, latest = None, None
+        for cycle, anc_per_ul in enumerate(values):
+            if anc_per_ul is None:
+                continue
             if _grade(anc_per_ul) != "normal":
-                ordinal += latest is None
+                first = first if latest is not None else f"o-{patient_id}-{cycle}"
                 latest = _grade(anc_per_ul)
             elif latest is not None:
-                flags.add((f"{patient_id}-{ordinal}", "inactive", latest))
+                flags.add((f"{patient_id}-{first}", "inactive", latest))
                 latest = None
         if latest is not None:
-            flags.add((f"{patient_id}-{ordinal}", "active", latest))
+            flags.add((f"{patient_id}-{first}", "active", latest))
     return flags
 
 

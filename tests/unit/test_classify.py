@@ -516,3 +516,19 @@ def test_age_band_feeds_classification():
     unknown = patient_age_band(Patient("p", date(2025, 1, 1), date(2025, 12, 31)), date(2026, 7, 1))
     result = graded(1200, unknown)
     assert result.grade is Grade.MILD and AGE_UNKNOWN_NOTE in result.notes
+
+
+def test_a_partial_birth_date_straddling_bands_with_identical_tables_uses_the_younger_band():
+    from datetime import date
+
+    from adapter.classify import patient_age_band
+    from adapter.mappings import load
+    from adapter.model import AgeBand, Patient
+
+    thresholds = load().thresholds
+    born_march = Patient("p", date(2026, 3, 1), date(2026, 3, 31))  # birthDate "2026-03"
+    # On 20 March the child is a neonate or an infant: the default tables are the same, so no guess.
+    assert patient_age_band(born_march, date(2026, 3, 20), True, thresholds) is AgeBand.NEONATE
+    # Straddling infant and adult thresholds is different: age unknown, adult thresholds.
+    born_2025 = Patient("p", date(2025, 1, 1), date(2025, 12, 31))
+    assert patient_age_band(born_2025, date(2026, 6, 1), True, thresholds) is AgeBand.UNKNOWN
