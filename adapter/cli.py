@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import requests
 
 from adapter import config as config_module
 from adapter import metrics

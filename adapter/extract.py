@@ -65,10 +65,20 @@ def observation(
     return Extracted(seen, None)
 
 
-def _derive_input(resource: Mapping[str, Any], seen: Seen, kind: InputKind, mappings: Mappings) -> DeriveInput | Quarantine:
+def _usable(resource: Mapping[str, Any], seen: Seen) -> datetime | Quarantine:
+    """Checks every Observation we act on must pass; its effective time when it does."""
+    modified = _modifier_urls(resource) + _modifier_urls(resource.get("valueQuantity"))
+    if modified:
+        # FHIR: a reader that does not understand a modifierExtension must not act on the resource as
+        # if it were not there. We understand none.
+        return Quarantine(Reason.UNKNOWN_MODIFIER, "modifierExtension " + ", ".join(sorted(set(modified))))
     if not seen.patient_id:
         return Quarantine(Reason.NO_SUBJECT, "subject is missing or not a Patient reference")
-    effective = effective_time(resource)
+    return effective_time(resource)
+
+
+def _derive_input(resource: Mapping[str, Any], seen: Seen, kind: InputKind, mappings: Mappings) -> DeriveInput | Quarantine:
+    effective = _usable(resource, seen)
     if isinstance(effective, Quarantine):
         return effective
     quantity = resource.get("valueQuantity")
@@ -96,14 +106,7 @@ _MAX_WBC_PER_UL = 1_000_000
 
 
 def _reading(resource: Mapping[str, Any], seen: Seen, mappings: Mappings) -> Reading | Quarantine:
-    modified = _modifier_urls(resource) + _modifier_urls(resource.get("valueQuantity"))
-    if modified:
-        # FHIR: a reader that does not understand a modifierExtension must not act on the resource as
-        # if it were not there. We understand none.
-        return Quarantine(Reason.UNKNOWN_MODIFIER, "modifierExtension " + ", ".join(sorted(set(modified))))
-    if not seen.patient_id:
-        return Quarantine(Reason.NO_SUBJECT, "subject is missing or not a Patient reference")
-    effective = effective_time(resource)
+    effective = _usable(resource, seen)
     if isinstance(effective, Quarantine):
         return effective
     quantity = resource.get("valueQuantity")

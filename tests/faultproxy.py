@@ -24,7 +24,9 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 from urllib.parse import urlsplit
 
 DROP = "drop"  # close the connection without a response
@@ -185,35 +187,10 @@ def _swap(data: bytes, old: bytes, new: bytes) -> bytes:
     return data.replace(old, new).replace(escaped_old, escaped_new)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], handler: type, proxy: FaultProxy):
-        self.proxy = proxy
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Idle keep-alive connections would otherwise hold their threads until the client lets go."""
-        with self._open_lock:
-            sockets, self._open = list(self._open), set()
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+class _Server(LoopbackServer):
+    @property
+    def proxy(self):
+        return self.owner
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -13,12 +13,13 @@ import base64
 import hmac
 import http.client
 import json
-import socket
 import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -108,32 +109,10 @@ def _swap(data: bytes, old: bytes, new: bytes) -> bytes:
     return data.replace(old, new).replace(old.replace(b"/", b"\\/"), new.replace(b"/", b"\\/"))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type, front: Front):
-        self.front = front
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._open_lock:
-            for sock in list(self._open):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+class _Server(LoopbackServer):
+    @property
+    def front(self):
+        return self.owner
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client that hangs up, or fails the TLS handshake, is what some tests are about
