@@ -282,3 +282,16 @@ def test_token_endpoint_refuses_wrong_aud_expired_and_replayed_assertions(tmp_pa
         assert response.json()["error"] == "invalid_client"
         assert why in response.json()["error_description"]
     assert token_server.issued == 1
+
+
+def test_check_through_smart_backend_auth_and_with_a_wrong_key(fhir_server, tmp_path, token_server, capsys):
+    key, key_file = key_pair(tmp_path, "RS384")
+    token_server.register_key(CLIENT_ID, KID, key.public_key())
+    with Front(fhir_server.base_url, gate=token_server.check_bearer) as front:
+        config = write_config(tmp_path, front.base_url, **smart_keys(key_file, token_server.url))
+        assert main(["check", "--config", config]) == 0
+        assert capsys.readouterr().out.rstrip().endswith("ready")
+        wrong_file = write_key(rsa_key(), tmp_path / "wrong.pem")
+        wrong = write_config(tmp_path, front.base_url, **smart_keys(wrong_file, token_server.url))
+        assert main(["check", "--config", wrong]) == 4
+        assert "[FAIL] authentication" in capsys.readouterr().out

@@ -102,3 +102,12 @@ def test_backfill_shows_a_progress_bar_on_a_tty_only(fhir_server, tmp_path):
     piped = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     assert "observations, " not in piped.stderr.replace('"observations_read"', "")
     assert all(line.startswith("{") for line in piped.stderr.splitlines())  # JSON lines only
+
+
+def test_demo_runs_the_main_job_on_the_embedded_default(capsys):
+    assert main(["demo", "--log-format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert "demo-adult-severe" in out and "severe" in out
+    assert "Flags on the server with our tag, read back: 4" in out
+    assert "Second run (idempotence): read=7 created=0 updated=0; Flags on the server: 4" in out
+    assert "quarantined" in out  # the sample with an unknown unit
