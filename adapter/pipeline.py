@@ -145,7 +145,6 @@ class Run:
         self._abnormal: set[str] = set()
         self._failing: set[str] = set()  # patients whose writes the server refused
         self._max_seen: datetime | None = None
-        self._ids_this_pass: set[str] = set()
         self._stable = True
 
     def execute(self, window: Window = Window()) -> Summary:
@@ -392,14 +391,17 @@ class Run:
                                  self.mappings.thresholds, lln)
 
     def _note_pass(self, seen: extract.Seen) -> None:
-        # An id seen twice in one pass means the result set changed under offset paging: an entry may have
-        # slid past a page boundary unseen, so this pass must not move the watermark.
-        if seen.observation_id in self._ids_this_pass:
-            self._stable = False
-        self._ids_this_pass.add(seen.observation_id)
         updated = extract.parse_datetime(seen.last_updated)
         if updated is None:
             return
+        # An Observation *updated* after the search began (a version other than the first, stamped after
+        # the server's clock at our first page) left a gap where it used to be: under offset paging every
+        # later entry slid back one place, and one may have slid past a page boundary unseen. Such a pass
+        # must not move the watermark. New Observations join at the end and shift nothing. (Kept as a
+        # rule, not a set of every id read, so memory does not grow with a backfill.)
+        search_started = self.client.search_started or self._pass_started
+        if seen.version != "1" and updated >= search_started:
+            self._stable = False
         if updated > self._pass_started:
             # Stamped after this pass began (a clock ahead of ours, or a bogus date): a watermark there
             # would hide everything written before it, so it never moves past the pass start.

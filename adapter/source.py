@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -60,19 +61,31 @@ def pages(client: FhirClient, params: dict[str, Any]) -> Iterator[Page]:
 
 
 class Patients:
-    """Patients of this run: from _include, else one read per distinct patient, cached for the run."""
+    """The Patients a page needs: those _included with it, else one read per distinct patient, kept in a
+    bounded cache for the run. Included Patients live only as long as their page, so memory does not
+    grow with the size of a backfill."""
 
-    def __init__(self, client: FhirClient):
+    def __init__(self, client: FhirClient, cache_size: int = 10_000):
         self.client = client
-        self._cache: dict[str, Patient | None] = {}
+        self.cache_size = cache_size
+        self._page: dict[str, Patient] = {}
+        self._read_cache: OrderedDict[str, Patient | None] = OrderedDict()
 
     def add(self, patients: dict[str, Patient]) -> None:
-        self._cache.update(patients)
+        """The Patients included with the page now being processed (replacing the previous page's)."""
+        self._page = patients
 
     def get(self, patient_id: str) -> Patient | None:
-        if patient_id not in self._cache:
-            self._cache[patient_id] = self._read(patient_id)
-        return self._cache[patient_id]
+        if patient_id in self._page:
+            return self._page[patient_id]
+        if patient_id in self._read_cache:
+            self._read_cache.move_to_end(patient_id)
+            return self._read_cache[patient_id]
+        patient = self._read(patient_id)
+        self._read_cache[patient_id] = patient
+        if len(self._read_cache) > self.cache_size:
+            self._read_cache.popitem(last=False)
+        return patient
 
     def _read(self, patient_id: str) -> Patient | None:
         try:

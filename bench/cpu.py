@@ -25,6 +25,7 @@ from adapter.writeback import Output  # noqa: E402
 
 class NoClient:
     request_count = 0
+    search_started = None
 
     def get(self, *args, **kwargs):
         raise AssertionError("no HTTP in the CPU benchmark")
@@ -39,11 +40,12 @@ def pages(n: int, page_size: int, normal_only: bool) -> list[str]:
                                       "code": "10*3/uL"}
     texts, entries = [], []
     for resource in resources:
-        entries.append({"resource": resource, "search": {"mode": "match" if resource["resourceType"] == "Observation"
-                                                          else "include"}})
-        if len(entries) >= page_size:
+        # A page ends only before a Patient, so each page carries the Patients of its Observations (_include).
+        if resource["resourceType"] == "Patient" and len(entries) >= page_size:
             texts.append(json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": entries}))
             entries = []
+        entries.append({"resource": resource, "search": {"mode": "match" if resource["resourceType"] == "Observation"
+                                                          else "include"}})
     if entries:
         texts.append(json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": entries}))
     return texts
@@ -61,13 +63,14 @@ def measure(texts: list[str], profile: bool) -> tuple[float, int]:
     count = 0
     for text in texts:
         bundle = json.loads(text)
-        observations = []
+        observations, patients = [], {}
         for entry in bundle["entry"]:
             resource = entry["resource"]
             if resource["resourceType"] == "Patient":
-                run.patients.add({resource["id"]: extract.patient(resource)})
+                patients[resource["id"]] = extract.patient(resource)
             else:
                 observations.append(resource)
+        run.patients.add(patients)
         run._process(observations, retry=False)
         count += len(observations)
     elapsed = time.process_time() - started

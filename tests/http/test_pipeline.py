@@ -198,3 +198,24 @@ def test_quarantine_retry_grades_only_the_named_ids_and_does_not_search(tmp_path
         assert sum("/Observation" in c.request.url for c in mock.calls) == searches  # no new search
         written = [e["resource"]["subject"]["reference"] for b in posted(mock) for e in b["entry"]]
         assert written == ["Patient/a"]
+
+
+@pytest.mark.parametrize("version,moves", [("1", True), ("2", False)])
+def test_an_observation_updated_while_we_page_keeps_the_watermark(tmp_path, version, moves):
+    # The server's clock at the first page is 10:00:00. An Observation stamped 10:00:30 with version 1 is
+    # new (it joined the end of the result set); with version 2 it was updated during the pass and left a
+    # gap under offset paging, so the window must be read again.
+    stamped = anc("o1", "a", 2.5, meta={"versionId": version, "lastUpdated": "2026-11-20T10:00:30Z"})
+    older = anc("o0", "b", 2.5, meta={"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"})
+    state = str(tmp_path / "s.sqlite3")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(f"{BASE}/Observation", json=page(older, stamped, included=[patient("a"), patient("b")]),
+                 headers={"Date": "Fri, 20 Nov 2026 10:00:00 GMT"})
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    from pathlib import Path
+
+    from adapter.state import State
+
+    watermark = State.open(Path(state)).watermark()
+    assert (watermark == "2026-11-20T10:00:30+00:00") if moves else watermark is None
