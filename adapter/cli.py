@@ -212,6 +212,10 @@ def _output(config: Config, client: FhirClient, state: State) -> Output:
     first time and is then pinned in state: a mode that changed between runs (an upgrade, another node
     behind the gateway) would create a second copy of every resource written the other way."""
     statement = client.get("metadata")
+    bundle_type = capability.bundle_type(statement)
+    if config.output.provenance and bundle_type != "transaction":
+        # A Provenance must name the resource it is about; inside a batch a new resource's id is unknown.
+        raise ConfigError("output.provenance: needs a server with transactions; this one offers only batch")
     modes = {}
     for kind, offered in capability.write_modes(statement, config.output.resources).items():
         modes[kind] = state.pinned(f"write_mode:{kind}", offered)
@@ -222,7 +226,8 @@ def _output(config: Config, client: FhirClient, state: State) -> Output:
     return Output(system_base=config.output.system_base.rstrip("/"), profile=config.classify.profile,
                   resources=config.output.resources,
                   risk_assessment_for_normal=config.output.risk_assessment_for_normal,
-                  write_modes=tuple(sorted(modes.items())), bundle_type=capability.bundle_type(statement))
+                  write_modes=tuple(sorted(modes.items())), bundle_type=bundle_type,
+                  provenance=config.output.provenance)
 
 
 def _cmd_check(args: argparse.Namespace, run_id: str) -> int:

@@ -217,8 +217,6 @@ def _validated(config: Config) -> Config:
         raise bad("output.resources", f"must be a non-empty list of {', '.join(OUTPUT_RESOURCES)}")
     if not re.match(r"^https?://", config.output.system_base):
         raise bad("output.system_base", "must be an absolute http(s) URL")
-    if config.output.provenance:
-        raise bad("output.provenance", "Provenance output is not implemented in this version; set it to false")
     if not config.poll.statuses:
         raise bad("poll.statuses", "must not be empty")
     config.poll.lookback  # noqa: B018 - parses, raising ConfigError naming the key

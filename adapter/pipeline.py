@@ -44,7 +44,7 @@ class ServerSink:
         bundle = writeback.transaction(planned, self.output)
         crashpoints.reach("during-write")
         response = self.client.transaction(bundle)
-        accepted = writeback.accepted(planned, response)
+        accepted = writeback.accepted(planned, response, self.output)
         crashpoints.reach("write-accepted")
         return accepted
 

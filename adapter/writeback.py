@@ -8,10 +8,12 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.flag import Flag
+from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from adapter.episodes import Episode, Graded, episodes
@@ -48,6 +50,7 @@ class Output:
     risk_assessment_for_normal: bool = False
     write_modes: tuple[tuple[str, str], ...] = ()  # (resource type, "conditional" | "client-id")
     bundle_type: str = "transaction"  # "batch" where the server has no transactions
+    provenance: bool = False  # a Provenance per write, naming the Observations as source entities
 
     def request(self, resource_type: str, identifier: str) -> tuple[str, str | None]:
         """The PUT url that makes this write idempotent, and the id the resource must carry (if any)."""
@@ -150,7 +153,7 @@ def _plan_risk_assessments(
     patient_id: str, readings: list[Graded], previously: list[Written], output: Output
 ) -> list[Planned]:
     before = {w.identifier: w for w in previously}
-    wanted: dict[str, tuple[str, dict[str, Any]]] = {}
+    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {}
     for reading, result in readings:
         identifier = reading.observation_id
         if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
@@ -159,15 +162,16 @@ def _plan_risk_assessments(
         prior = before.get(identifier)
         changed = prior is not None and (prior.content_hash != _hash(body) or prior.status in WITHDRAWN)
         status = "amended" if changed else (prior.status if prior else "final")
-        wanted[identifier] = (status, body)
+        wanted[identifier] = (status, body, reading.evidence)
     for identifier, written in before.items():
         if identifier not in wanted and written.status not in WITHDRAWN:
             body = _withdrawn_risk_assessment(patient_id, identifier, output)
-            wanted[identifier] = ("entered-in-error", body)
+            wanted[identifier] = ("entered-in-error", body, written.evidence)
     return [
         planned
-        for identifier, (status, body) in sorted(wanted.items())
-        if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier)))
+        for identifier, (status, body, evidence) in sorted(wanted.items())
+        if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier),
+                             evidence))
     ]
 
 
@@ -197,25 +201,37 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
         else:
             url, resource_id = output.request(p.resource_type, p.identifier)
         resource = {**p.resource, "id": resource_id} if resource_id else p.resource
-        entries.append({
-            "fullUrl": f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}",
-            "resource": resource,
-            "request": {"method": "PUT", "url": url},
-        })
+        full_url = f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}"
+        entries.append({"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}})
+        if output.provenance:
+            # The target is the entry's fullUrl unless we know the id: the server resolves it inside the
+            # transaction (a batch-only server needs ids we know; cli refuses provenance without either).
+            target = f"{p.resource_type}/{resource_id}" if resource_id else full_url
+            provenance = _provenance(p, target, output)
+            entries.append({"fullUrl": f"urn:uuid:{_uuid_like('Provenance', provenance['id'])}",
+                            "resource": provenance,
+                            "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"}})
     # Each resource was validated when planned; validate the envelope (type, fullUrl, request) here.
     Bundle.model_validate({"resourceType": "Bundle", "type": output.bundle_type,
                            "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]})
     return {"resourceType": "Bundle", "type": output.bundle_type, "entry": entries}
 
 
-def accepted(planned: list[Planned], response: dict[str, Any]) -> list[tuple[Written, bool]]:
+def accepted(planned: list[Planned], response: dict[str, Any], output: Output) -> list[tuple[Written, bool]]:
     """Check the transaction-response entry by entry; raise unless the server accepted every write.
     Returns what state records, and whether the server created (201) rather than updated it."""
     entries = response.get("entry") if response.get("resourceType") == "Bundle" else None
-    if not isinstance(entries, list) or len(entries) != len(planned):
+    per_write = 2 if output.provenance else 1  # each write, then its Provenance
+    if not isinstance(entries, list) or len(entries) != per_write * len(planned):
         raise PermanentHttpError("transaction answered without one response entry per write")
+    for extra in entries[1::2] if output.provenance else ():
+        answer = extra.get("response") if isinstance(extra, dict) else None
+        status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+        if status[:1] != "2":
+            raise PermanentHttpError(f"the server did not accept a Provenance write ({status or '?'})",
+                                     status=int(status[:3]) if status[:3].isdigit() else None)
     written = []
-    for plan, entry in zip(planned, entries):
+    for plan, entry in zip(planned, entries[::per_write]):
         answer = entry.get("response") if isinstance(entry, dict) else None
         status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
         if not status[:1] == "2":
@@ -279,6 +295,28 @@ def _risk_assessment(patient_id: str, identifier: str, graded: Graded, output: O
             }
         ],
     }
+
+
+def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]:
+    """Who wrote this version, from which Observations. Its id is derived from what was written, so a
+    retried write rewrites the same Provenance instead of adding another (R4 Provenance has no identifier)."""
+    version = f"{planned.resource_type}|{planned.identifier}|{planned.status}|{planned.content_hash}"
+    sources = planned.evidence or ((planned.identifier,) if planned.resource_type == "RiskAssessment" else ())
+    resource = {
+        "resourceType": "Provenance",
+        "id": stable_id(output.identifier_system("Provenance"), version),
+        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
+        "target": [{"reference": target}],
+        "recorded": _instant(datetime.now(timezone.utc).replace(microsecond=0)),
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                 "code": "assembler"}]},
+            "who": AUTHOR,
+        }],
+        "entity": [{"role": "source", "what": {"reference": f"Observation/{source}"}} for source in sources],
+    }
+    Provenance.model_validate(resource)
+    return resource
 
 
 def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:

@@ -293,3 +293,27 @@ def test_derived_anc_returns_when_the_measured_one_at_that_time_is_withdrawn(fhi
     assert main(deriving) == 0
     [flag] = fhir_server.flags("p")
     assert grade(flag) == "severe"  # derived 1000 × 30 % = 300
+
+
+def test_provenance_per_write_names_the_observations_and_is_not_duplicated_on_rerun(fhir_server, tmp_path):
+    config = tmp_path / "prov.toml"
+    config.write_text('[output]\nresources = ["Flag", "RiskAssessment"]\nprovenance = true\n')
+    args = ["run", "--config", str(config), "--fhir-url", fhir_server.base_url,
+            "--state", str(tmp_path / "s.sqlite3")]
+    fhir_server.load(patient("p"), anc("o1", "p", 0.3, effective="2026-11-20T08:00:00Z"))
+    assert main(args) == 0
+    [flag] = fhir_server.flags("p")
+    [risk] = fhir_server.risk_assessments("p")
+    provenances = fhir_server.search("Provenance")
+    targets = {p["target"][0]["reference"]: p for p in provenances}
+    assert set(targets) == {f"Flag/{flag['id']}", f"RiskAssessment/{risk['id']}"}
+    assert all(p["entity"] == [{"role": "source", "what": {"reference": "Observation/o1"}}]
+               for p in provenances)
+    assert main(args) == 0  # nothing changed: no new write, no new Provenance
+    assert len(fhir_server.search("Provenance")) == 2
+    fhir_server.load(anc("o2", "p", 0.8, effective="2026-11-21T08:00:00Z"))
+    assert main(args) == 0  # the Flag changes grade: one Provenance for that new version
+    flag_provenance = [p for p in fhir_server.search("Provenance") if p["target"][0]["reference"] == f"Flag/{flag['id']}"]
+    assert len(flag_provenance) == 2
+    assert {e["what"]["reference"] for p in flag_provenance for e in p["entity"]} == {"Observation/o1",
+                                                                                      "Observation/o2"}
