@@ -165,7 +165,7 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
         try:
             work_state = state.scratch_copy() if dry_run else state
             output = _output(config, client, work_state)
-            sink: Any = DryRunSink() if dry_run else ServerSink(client, output)
+            sink: Any = DryRunSink() if dry_run else ServerSink(client, output, config.fhir.max_bundle_entries)
             progress = _Progress() if window.backfill and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                       collect_rows=collect_rows, on_page=progress)

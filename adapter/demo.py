@@ -98,14 +98,14 @@ def _our_flags(base_url: str, tag_system: str) -> dict[str, dict[str, Any]]:
 
 def _table(out: TextIO, rows: list[dict[str, Any]], flags: dict[str, dict[str, Any]]) -> None:
     by_patient = {row["patient_id"]: row for row in rows}
-    header = f"{'patient':<22} {'ANC cells/µL':>13}  {'grade':<18} {'written to the server':<40}  sample"
+    header = f"{'patient':<22} {'ANC cells/µL':>13}  {'grade':<26} {'written to the server':<48}  sample"
     out.write(header + "\n" + "-" * len(header) + "\n")
     for patient_id, _, _, _, what in SAMPLES:
         row = by_patient.get(patient_id)
         flag = flags.get(patient_id)
         written = f"Flag/{flag['id']} {flag['status']}" if flag else "-"
         if row is None:
-            out.write(f"{patient_id:<22} {'-':>13}  {'quarantined':<18} {written:<40}  {what}\n")
+            out.write(f"{patient_id:<22} {'-':>13}  {'quarantined':<26} {written:<48}  {what}\n")
             continue
         grade = row["grade"] + (" (age band " + row["age_band"] + ")" if row["age_band"] != "adult" else "")
-        out.write(f"{patient_id:<22} {row['anc_per_ul']:>13}  {grade:<18} {written:<40}  {what}\n")
+        out.write(f"{patient_id:<22} {row['anc_per_ul']:>13}  {grade:<26} {written:<48}  {what}\n")

@@ -34,18 +34,24 @@ class Sink(Protocol):
 
 
 class ServerSink:
-    """Writes to the FHIR server: one transaction per page."""
+    """Writes to the FHIR server: one transaction per page, split when it would exceed the largest
+    bundle the server takes. State commits once for the page, after every part was accepted; a crash
+    between parts makes the rerun repeat them, harmlessly (every write is an idempotent PUT)."""
 
-    def __init__(self, client: FhirClient, output: writeback.Output):
+    def __init__(self, client: FhirClient, output: writeback.Output, max_entries: int = 500):
         self.client = client
         self.output = output
+        self.writes_per_bundle = max(1, max_entries // (2 if output.provenance else 1))
 
     def send(self, planned: list[writeback.Planned]) -> list[tuple[Written, bool]]:
-        bundle = writeback.transaction(planned, self.output)
-        crashpoints.reach("during-write")
-        response = self.client.transaction(bundle)
-        accepted = writeback.accepted(planned, response, self.output)
-        crashpoints.reach("write-accepted")
+        accepted: list[tuple[Written, bool]] = []
+        for start in range(0, len(planned), self.writes_per_bundle):
+            part = planned[start:start + self.writes_per_bundle]
+            bundle = writeback.transaction(part, self.output)
+            crashpoints.reach("during-write")
+            response = self.client.transaction(bundle)
+            accepted += writeback.accepted(part, response, self.output)
+            crashpoints.reach("write-accepted")
         return accepted
 
 

@@ -192,8 +192,8 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--page-size", type=int, default=200)
-    parser.add_argument("--naive-budget", type=float, default=180.0, help="seconds the naive poller may run")
+    parser.add_argument("--page-size", type=int, default=1000, help="the adapter's default")
+    parser.add_argument("--naive-budget", type=float, default=120.0, help="seconds the naive poller may run")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}")

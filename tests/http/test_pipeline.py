@@ -219,3 +219,12 @@ def test_an_observation_updated_while_we_page_keeps_the_watermark(tmp_path, vers
 
     watermark = State.open(Path(state)).watermark()
     assert (watermark == "2026-11-20T10:00:30+00:00") if moves else watermark is None
+
+
+def test_a_page_of_writes_is_split_into_bundles_of_the_configured_size(server, tmp_path):
+    observations = [anc(f"o{i}", f"p{i}", 0.4) for i in range(5)]
+    server.get(f"{BASE}/Observation", json=page(*observations, included=[patient(f"p{i}") for i in range(5)]))
+    config = tmp_path / "adapter.toml"
+    config.write_text("[fhir]\nmax_bundle_entries = 2\n")
+    assert main(["run", "--config", str(config), "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
+    assert [len(b["entry"]) for b in posted(server)] == [2, 2, 1]
