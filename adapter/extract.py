@@ -86,8 +86,9 @@ def _derive_input(resource: Mapping[str, Any], seen: Seen, kind: InputKind, mapp
         return Quarantine(Reason.NO_VALUE, "no valueQuantity")
     if quantity.get("comparator"):
         return Quarantine(Reason.UNGRADABLE_COMPARATOR, "a derived-ANC input with a comparator")
-    if kind is InputKind.WBC:
-        count = units.normalise(quantity, mappings.unit_aliases, _MAX_WBC_PER_UL)
+    if kind.is_count:
+        limit = _MAX_WBC_PER_UL if kind is InputKind.WBC else mappings.thresholds.max_anc_per_ul
+        count = units.normalise(quantity, mappings.unit_aliases, limit)
         if isinstance(count, Quarantine):
             return count
         value = count.anc_per_ul

@@ -42,6 +42,8 @@ class Mappings:
     segmented_percent_codes: frozenset[Coding]
     band_percent_codes: frozenset[Coding]
     neutrophil_percent_codes: frozenset[Coding]
+    segmented_count_codes: frozenset[Coding]
+    band_count_codes: frozenset[Coding]
     unit_aliases: dict[str, float]
     thresholds: Thresholds
 
@@ -53,6 +55,8 @@ class Mappings:
             (self.segmented_percent_codes, InputKind.SEGMENTED_PERCENT),
             (self.band_percent_codes, InputKind.BAND_PERCENT),
             (self.neutrophil_percent_codes, InputKind.NEUTROPHIL_PERCENT),
+            (self.segmented_count_codes, InputKind.SEGMENTED_COUNT),
+            (self.band_count_codes, InputKind.BAND_COUNT),
         ):
             kinds.update(dict.fromkeys(codes, kind))
         return kinds
@@ -74,6 +78,8 @@ def load(path: str = "") -> Mappings:
             segmented_percent_codes=frozenset(_coding(c) for c in derive.get("segmented_percent", [])),
             band_percent_codes=frozenset(_coding(c) for c in derive.get("band_percent", [])),
             neutrophil_percent_codes=frozenset(_coding(c) for c in derive.get("neutrophil_percent", [])),
+            segmented_count_codes=frozenset(_coding(c) for c in derive.get("segmented_count", [])),
+            band_count_codes=frozenset(_coding(c) for c in derive.get("band_count", [])),
             unit_aliases={str(k).strip(): float(v) for k, v in units["aliases"].items()},
             thresholds=_thresholds(thresholds),
         )

@@ -124,6 +124,12 @@ class InputKind(str, Enum):
     SEGMENTED_PERCENT = "segmented-percent"
     BAND_PERCENT = "band-percent"
     NEUTROPHIL_PERCENT = "neutrophil-percent"  # segs and bands together
+    SEGMENTED_COUNT = "segmented-count"  # cells/µL (manual differential, absolute)
+    BAND_COUNT = "band-count"  # cells/µL
+
+    @property
+    def is_count(self) -> bool:
+        return self in (InputKind.WBC, InputKind.SEGMENTED_COUNT, InputKind.BAND_COUNT)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ class DeriveInput:
     patient_id: str
     effective: datetime
     kind: InputKind
-    value: float  # cells/µL for WBC, percent (0-100) otherwise
+    value: float  # cells/µL for counts, percent (0-100) otherwise
 
 
 @dataclass(frozen=True)

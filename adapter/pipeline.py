@@ -8,6 +8,7 @@ The watermark moves only at the end of a complete, stable pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -372,12 +373,13 @@ class Run:
                 return False
             self.state.record_outcome(key, prior, "superseded", patient_id, "withdrawn", now)
             return True
-        count, sources = derived
+        count, sources, how = derived
         reading = Reading(observation_id=key, version="+".join(sources), status="final", patient_id=patient_id,
                           effective=effective, count=count, sources=sources)
         result = self._classify(reading)
         if isinstance(result, Quarantine):  # a derived count has no comparator; cannot happen
             raise AssertionError("derived ANC could not be graded")
+        result = dataclasses.replace(result, notes=result.notes + (how,))
         self.state.record_classified(reading, result, now)
         self._graded(patient_id, result)
         self._row(reading, result)

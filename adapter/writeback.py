@@ -343,8 +343,7 @@ def _text(graded: Graded) -> str:
     reading, result = graded
     label = f"At least {result.grade.label[0].lower()}{result.grade.label[1:]}" if result.at_least else result.grade.label
     text = f"{label}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
-    notes = list(result.notes) + (["derived from WBC and differential"] if reading.derived else [])
-    return f"{text} ({'; '.join(notes)})" if notes else text
+    return f"{text} ({'; '.join(result.notes)})" if result.notes else text
 
 
 def _instant(moment: Any) -> str:

@@ -317,3 +317,12 @@ def test_provenance_per_write_names_the_observations_and_is_not_duplicated_on_re
     assert len(flag_provenance) == 2
     assert {e["what"]["reference"] for p in flag_provenance for e in p["entity"]} == {"Observation/o1",
                                                                                       "Observation/o2"}
+
+
+def test_segmented_plus_band_counts_make_an_anc_when_opted_in(fhir_server, deriving):
+    fhir_server.load(patient("p"), anc("s", "p", 0.35, code="768-2"), anc("b", "p", 0.05, code="763-3"))
+    assert main(deriving) == 0
+    [flag] = fhir_server.flags("p")
+    assert grade(flag) == "severe"  # 350 + 50 = 400 cells/µL
+    assert "ANC 400 cells/µL" in flag["code"]["text"]
+    assert "derived from segmented and band neutrophil counts" in flag["code"]["text"]
