@@ -182,9 +182,16 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
         if dry_run:
             for planned in sink.planned:
                 (out or sys.stdout).write(json.dumps(planned.resource, ensure_ascii=False) + "\n")
-        finish(int(ExitCode.OK), summary.as_dict())
-        log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "summary": summary.as_dict()})
-        return int(ExitCode.OK), summary
+        # Exit 0 promises every observation was written or quarantined with a reason: refused writes are
+        # kept and retried, but they are neither, so the run says so with exit 3.
+        code = ExitCode.UNREACHABLE if summary.write_failures else ExitCode.OK
+        finish(int(code), summary.as_dict())
+        log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "exit_code": int(code),
+                                       "summary": summary.as_dict()})
+        if code != ExitCode.OK:
+            log.error("the server refused some patients' writes; they are kept and retried every run",
+                      extra={"event": "writes-refused", "patients": summary.write_failures})
+        return int(code), summary
 
 
 class _Progress:

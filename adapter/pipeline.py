@@ -30,6 +30,11 @@ from adapter.state import State, Written
 log = logging.getLogger(__name__)
 
 
+# Refusals of the bundle as such (wrong endpoint, method not allowed, too large, not implemented): sending
+# patient by patient would only repeat them, and would hide a broken server behind exit 0.
+_NOT_ABOUT_A_PATIENT = frozenset({404, 405, 413, 415, 501})
+
+
 class Sink(Protocol):
     def send(self, planned: list[writeback.Planned]) -> list[tuple[Written, bool]]: ...
 
@@ -46,14 +51,24 @@ class ServerSink:
 
     def send(self, planned: list[writeback.Planned]) -> list[tuple[Written, bool]]:
         accepted: list[tuple[Written, bool]] = []
-        for start in range(0, len(planned), self.writes_per_bundle):
-            part = planned[start:start + self.writes_per_bundle]
+        for part in self._parts(planned):
             bundle = writeback.transaction(part, self.output)
             crashpoints.reach("during-write")
             response = self.client.transaction(bundle)
             accepted += writeback.accepted(part, response, self.output)
             crashpoints.reach("write-accepted")
         return accepted
+
+    def _parts(self, planned: list[writeback.Planned]) -> list[list[writeback.Planned]]:
+        """Split only between patients: one patient's writes (closing one Flag, opening the next) must
+        land together, or a failure between parts would leave two active Flags on the server."""
+        parts: list[list[writeback.Planned]] = [[]]
+        for _, group in itertools.groupby(planned, key=lambda p: p.patient_id):
+            writes = list(group)
+            if parts[-1] and len(parts[-1]) + len(writes) > self.writes_per_bundle:
+                parts.append([])
+            parts[-1] += writes
+        return [part for part in parts if part]
 
 
 class DryRunSink:
@@ -157,6 +172,7 @@ class Run:
     def execute(self, window: Window = Window()) -> Summary:
         started = time.monotonic()
         self._pass_started = self.now()
+        self.state.start_pass()
         self._retry_quarantine()
         self._retry_write_failures()
         since = window.since if window.backfill else self._live_since()
@@ -269,6 +285,8 @@ class Run:
         try:
             results = self.sink.send(to_send) if to_send else []
         except PermanentHttpError as exc:
+            if exc.status in _NOT_ABOUT_A_PATIENT:
+                raise  # the endpoint or the bundle itself was refused: no patient is to blame
             log.warning("the server refused a write bundle: sending patient by patient",
                         extra={"event": "write-refused", "error": str(exc)})
             results = []
@@ -399,17 +417,14 @@ class Run:
                                  self.mappings.thresholds, lln)
 
     def _note_pass(self, seen: extract.Seen) -> None:
+        # An id read twice in one pass means the result set changed under offset paging: everything after
+        # its old place slid back, and an entry may have slid past a page boundary unseen. Such a pass must
+        # not move the watermark. (The ids live in a temporary SQLite table, not in our memory.)
+        if self.state.seen_before_in_pass(seen.observation_id):
+            self._stable = False
         updated = extract.parse_datetime(seen.last_updated)
         if updated is None:
             return
-        # An Observation *updated* after the search began (a version other than the first, stamped after
-        # the server's clock at our first page) left a gap where it used to be: under offset paging every
-        # later entry slid back one place, and one may have slid past a page boundary unseen. Such a pass
-        # must not move the watermark. New Observations join at the end and shift nothing. (Kept as a
-        # rule, not a set of every id read, so memory does not grow with a backfill.)
-        search_started = self.client.search_started or self._pass_started
-        if seen.version != "1" and updated >= search_started:
-            self._stable = False
         if updated > self._pass_started:
             # Stamped after this pass began (a clock ahead of ours, or a bogus date): a watermark there
             # would hide everything written before it, so it never moves past the pass start.

@@ -21,7 +21,13 @@ from adapter.model import (
     AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
+# an existing table as it was).
+_ADDED_COLUMNS = (
+    ("observations", "last_updated", "TEXT"),
+    ("written", "evidence", "TEXT"),
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS observations (
@@ -137,7 +143,25 @@ class State:
         self.db = connection
         self.db.row_factory = sqlite3.Row
         self.db.executescript(_SCHEMA)
+        self._migrate()
         self._set_meta_default("schema_version", str(SCHEMA_VERSION))
+        # Observation ids read in this pass (a temporary table: bounded memory, gone with the connection).
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS pass_ids (observation_id TEXT PRIMARY KEY)")
+
+    def _migrate(self) -> None:
+        for table, column, kind in _ADDED_COLUMNS:
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def start_pass(self) -> None:
+        self.db.execute("DELETE FROM pass_ids")
+
+    def seen_before_in_pass(self, observation_id: str) -> bool:
+        """Record that this pass read the Observation; True when it had already read it."""
+        cursor = self.db.execute("INSERT OR IGNORE INTO pass_ids VALUES (?)", (observation_id,))
+        return cursor.rowcount == 0
 
     @classmethod
     def open(cls, path: Path) -> State:
@@ -291,12 +315,18 @@ class State:
         return [json.loads(row["resource"]) for row in rows]
 
     def discard_quarantined(self, observation_id: str, now: str) -> bool:
+        """Give up on a quarantined version. If an earlier graded version was kept in effect, it stays
+        (discarding the unreadable amendment must not silently drop a live alert's evidence)."""
         row = self.db.execute(
             "SELECT version, patient_id FROM quarantine WHERE observation_id = ?", (observation_id,)
         ).fetchone()
         if row is None:
             return False
-        self.record_outcome(observation_id, row["version"], "discarded", row["patient_id"], "ignored", now)
+        ledgered = self.ledger(observation_id)
+        if ledgered is not None and ledgered.outcome == "classified":
+            self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (observation_id,))
+        else:
+            self.record_outcome(observation_id, row["version"], "discarded", row["patient_id"], "ignored", now)
         return True
 
     # -- what we wrote ---------------------------------------------------------------------------

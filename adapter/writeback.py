@@ -141,12 +141,18 @@ def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Writte
 
 
 def _new_identifier(patient_id: str, episode: Episode, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
-    base = f"{patient_id}-{episode.first[0].observation_id}"
+    base = scoped(patient_id, episode.first[0].observation_id)
     identifier, n = base, 1
     while identifier in taken or identifier in wanted:
         n += 1
-        identifier = f"{base}-{n}"
+        identifier = f"{base}/{n}"
     return identifier
+
+
+def scoped(patient_id: str, observation_id: str) -> str:
+    """An identifier value scoped to the patient. '/' cannot occur in a FHIR id, so two pairs of ids can
+    never give the same value (with '-', patient 'x-1' + 'o' and patient 'x' + '1-o' would collide)."""
+    return f"{patient_id}/{observation_id}"
 
 
 def _plan_risk_assessments(
@@ -155,7 +161,9 @@ def _plan_risk_assessments(
     before = {w.identifier: w for w in previously}
     wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {}
     for reading, result in readings:
-        identifier = reading.observation_id
+        # Scoped to the patient: a result re-filed to another patient gets a new assessment there while
+        # the old patient's is withdrawn — one identifier for both would make the two writes collide.
+        identifier = scoped(patient_id, reading.observation_id)
         if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
             continue
         body = _risk_assessment(patient_id, identifier, (reading, result), output)
@@ -301,7 +309,7 @@ def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]
     """Who wrote this version, from which Observations. Its id is derived from what was written, so a
     retried write rewrites the same Provenance instead of adding another (R4 Provenance has no identifier)."""
     version = f"{planned.resource_type}|{planned.identifier}|{planned.status}|{planned.content_hash}"
-    sources = planned.evidence or ((planned.identifier,) if planned.resource_type == "RiskAssessment" else ())
+    sources = planned.evidence
     resource = {
         "resourceType": "Provenance",
         "id": stable_id(output.identifier_system("Provenance"), version),

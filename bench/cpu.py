@@ -25,7 +25,6 @@ from adapter.writeback import Output  # noqa: E402
 
 class NoClient:
     request_count = 0
-    search_started = None
 
     def get(self, *args, **kwargs):
         raise AssertionError("no HTTP in the CPU benchmark")

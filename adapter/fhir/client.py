@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -87,7 +87,6 @@ class FhirClient:
         self.retry = retry
         self._sleep = sleep
         self.requests_by_status: Counter[str] = Counter()
-        self.search_started: datetime | None = None  # the server's clock (Date) at the first search page
         self._count_lock = threading.Lock()
         session.headers.setdefault("Accept", FHIR_JSON)
 
@@ -112,14 +111,11 @@ class FhirClient:
         The next page is fetched in the background while the caller works on this one, so the server
         pages while we classify and write (reads only: nothing about commit order changes)."""
         seen_links: set[str] = set()
-        first: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-            pending = prefetch.submit(self._call, "GET", f"{self.base_url}/{resource_type}", params, None, first)
+            pending = prefetch.submit(self._call, "GET", f"{self.base_url}/{resource_type}", params, None)
             try:
-                for page_number in range(self.max_pages):
+                for _ in range(self.max_pages):
                     bundle = pending.result()
-                    if page_number == 0:
-                        self.search_started = _http_date(first.get("date"))
                     if bundle.get("resourceType") != "Bundle":
                         raise PermanentHttpError(
                             f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
@@ -168,9 +164,7 @@ class FhirClient:
             return path_or_url
         return f"{self.base_url}/{path_or_url.lstrip('/')}"
 
-    def _call(self, method: str, url: str, params: Any = None, body: Any = None,
-              headers_out: dict[str, str] | None = None) -> dict[str, Any]:
-        """One request with the retry policy; `headers_out` receives the answer's Date header."""
+    def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientHttpError),
             wait=_wait_honouring_retry_after(
@@ -182,10 +176,9 @@ class FhirClient:
             before_sleep=_log_retry,
             sleep=self._sleep,
         )
-        return retrying(self._once, method, url, params, body, headers_out)
+        return retrying(self._once, method, url, params, body)
 
-    def _once(self, method: str, url: str, params: Any, body: Any,
-              headers_out: dict[str, str] | None = None) -> dict[str, Any]:
+    def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
         try:
             response = self.session.request(
@@ -214,8 +207,6 @@ class FhirClient:
             raise TransientHttpError(f"{method} answered {status} with a body that is not JSON") from None
         if not isinstance(parsed, dict):
             raise TransientHttpError(f"{method} answered {status} with JSON that is not a resource")
-        if headers_out is not None and response.headers.get("Date"):
-            headers_out["date"] = response.headers["Date"]
         return parsed
 
 
@@ -246,18 +237,6 @@ def _port(parts: Any) -> int | None:
         return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     except ValueError:
         return None
-
-
-def _http_date(value: str | None) -> datetime | None:
-    """An HTTP-date, one second early: it has whole seconds and lastUpdated has milliseconds."""
-    if not value:
-        return None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-    return when - timedelta(seconds=1)
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -64,7 +64,8 @@ class FakeServer:
                 if f["status"] == "active"}
 
     def assessed(self) -> set[str]:
-        return {r["identifier"][0]["value"] for r in self.written("RiskAssessment")}
+        # identifier value = "<patient>/<observation>": keep the Observation id
+        return {r["identifier"][0]["value"].split("/", 1)[1] for r in self.written("RiskAssessment")}
 
     def _patient(self, request: Any) -> tuple[int, dict, str]:
         patient_id = request.url.rsplit("/", 1)[1]
@@ -230,7 +231,7 @@ def test_duplicate_entries_across_pages_are_written_once(server, adapter):
     server.serve("duplicates-1.json", **{"_page/2": "duplicates-2.json"})
     assert adapter.run() == 0
     flags = [f["identifier"][0]["value"] for f in server.written("Flag")]
-    assessments = [r["identifier"][0]["value"] for r in server.written("RiskAssessment")]
+    assessments = [r["identifier"][0]["value"].split("/", 1)[1] for r in server.written("RiskAssessment")]
     assert sorted(flags) == sorted(set(flags)) and len(flags) == 3
     assert sorted(assessments) == sorted(GOOD_ASSESSMENTS | {"o-dup-moderate"})
     assert server.flag_grades() == {**GOOD_FLAGS, "p-moderate": "moderate"}

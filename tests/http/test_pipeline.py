@@ -99,7 +99,8 @@ def test_a_patient_whose_writes_the_server_refuses_does_not_block_the_others(tmp
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.add_callback(responses.POST, BASE, callback=answer)
-        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        # Exit 3: the refused patient is neither written nor quarantined; the others were written.
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3
         accepted = [e for b in posted(mock) for e in b["entry"]]
         assert any(e["resource"]["subject"]["reference"] == "Patient/b" for e in accepted)
         capsys.readouterr()
@@ -200,18 +201,20 @@ def test_quarantine_retry_grades_only_the_named_ids_and_does_not_search(tmp_path
         assert written == ["Patient/a"]
 
 
-@pytest.mark.parametrize("version,moves", [("1", True), ("2", False)])
-def test_an_observation_updated_while_we_page_keeps_the_watermark(tmp_path, version, moves):
-    # The server's clock at the first page is 10:00:00. An Observation stamped 10:00:30 with version 1 is
-    # new (it joined the end of the result set); with version 2 it was updated during the pass and left a
-    # gap under offset paging, so the window must be read again.
-    stamped = anc("o1", "a", 2.5, meta={"versionId": version, "lastUpdated": "2026-11-20T10:00:30Z"})
-    older = anc("o0", "b", 2.5, meta={"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"})
+@pytest.mark.parametrize("repeated,moves", [(False, True), (True, False)])
+def test_an_observation_read_twice_in_one_pass_keeps_the_watermark(tmp_path, repeated, moves):
+    # Under offset paging an Observation updated while we page shows up again at the end, and everything
+    # after its old place slid back one: an entry may have been skipped, so the window is read again.
+    first = anc("o1", "a", 2.5, meta={"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"})
+    again = anc("o1", "a", 2.6, meta={"versionId": "2", "lastUpdated": "2026-11-20T10:00:30Z"})
+    other = anc("o2", "b", 2.5, meta={"versionId": "1", "lastUpdated": "2026-11-20T10:00:30Z"})
     state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
-        mock.get(f"{BASE}/Observation", json=page(older, stamped, included=[patient("a"), patient("b")]),
-                 headers={"Date": "Fri, 20 Nov 2026 10:00:00 GMT"})
+        mock.get(f"{BASE}/Observation", json=page(first, next_url=f"{BASE}/Observation?page=2",
+                                                  included=[patient("a")]))
+        mock.get(f"{BASE}/Observation?page=2", json=page(again if repeated else other,
+                                                         included=[patient("a"), patient("b")]))
         assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
     from pathlib import Path
 
@@ -221,10 +224,33 @@ def test_an_observation_updated_while_we_page_keeps_the_watermark(tmp_path, vers
     assert (watermark == "2026-11-20T10:00:30+00:00") if moves else watermark is None
 
 
-def test_a_page_of_writes_is_split_into_bundles_of_the_configured_size(server, tmp_path):
+def test_a_page_of_writes_is_split_into_bundles_between_patients(server, tmp_path):
     observations = [anc(f"o{i}", f"p{i}", 0.4) for i in range(5)]
-    server.get(f"{BASE}/Observation", json=page(*observations, included=[patient(f"p{i}") for i in range(5)]))
+    # p9 has two episodes (severe, normal, severe): its two Flags must travel in one bundle.
+    observations += [anc("o9a", "p9", 0.3, effective="2026-11-18T08:00:00Z"),
+                     anc("o9b", "p9", 2.5, effective="2026-11-19T08:00:00Z"),
+                     anc("o9c", "p9", 0.3, effective="2026-11-20T08:00:00Z")]
+    server.get(f"{BASE}/Observation", json=page(*observations, included=[patient(f"p{i}") for i in (0, 1, 2, 3, 4, 9)]))
     config = tmp_path / "adapter.toml"
-    config.write_text("[fhir]\nmax_bundle_entries = 2\n")
+    config.write_text("[fhir]\nmax_bundle_entries = 3\n")
     assert main(["run", "--config", str(config), "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
-    assert [len(b["entry"]) for b in posted(server)] == [2, 2, 1]
+    bundles = [[e["resource"]["subject"]["reference"] for e in b["entry"]] for b in posted(server)]
+    # p0-p2 | p3, p4 | p9's two Flags together (adding them to the second part would exceed 3)
+    assert bundles == [["Patient/p0", "Patient/p1", "Patient/p2"], ["Patient/p3", "Patient/p4"],
+                       ["Patient/p9", "Patient/p9"]]
+
+
+def test_a_bundle_refused_as_such_is_not_retried_patient_by_patient(tmp_path):
+    state = str(tmp_path / "s.sqlite3")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
+                                                  included=[patient("a"), patient("b")]))
+        mock.post(BASE, status=405)
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 3
+        assert len([c for c in mock.calls if c.request.method == "POST"]) == 1
+    from pathlib import Path
+
+    from adapter.state import State
+
+    assert State.open(Path(state)).processed_version("o1") is None  # nothing committed: read again next run

@@ -196,7 +196,7 @@ def test_a_measured_anc_at_the_same_time_wins_over_the_derived_one(fhir_server, 
     [flag] = fhir_server.flags("p")
     assert grade(flag) == "mild"
     assert flag["extension"][0]["valueReference"]["reference"] == "Observation/m"
-    [risk_derived] = [r for r in fhir_server.risk_assessments("p") if r["identifier"][0]["value"].startswith("derived-")]
+    [risk_derived] = [r for r in fhir_server.risk_assessments("p") if r["identifier"][0]["value"].startswith("p/derived-")]
     assert risk_derived["status"] == "entered-in-error"
 
 

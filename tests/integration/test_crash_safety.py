@@ -61,7 +61,7 @@ def assert_exactly_right(server) -> None:
     }
     assert got == expected
     risks = Counter(r["identifier"][0]["value"] for r in server.search("RiskAssessment"))
-    assert risks == Counter({f"o-{pid}": 1 for pid, _, grade in PATIENTS if grade})
+    assert risks == Counter({f"{pid}/o-{pid}": 1 for pid, _, grade in PATIENTS if grade})
 
 
 @pytest.mark.parametrize("crash_at", [f"{point}:{nth}" for point in crashpoints.POINTS for nth in (1, 3)])

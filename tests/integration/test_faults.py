@@ -82,10 +82,10 @@ def expected_flags() -> set[tuple[str, str, str]]:
                 first = first if latest is not None else f"o-{patient_id}-{cycle}"
                 latest = _grade(anc_per_ul)
             elif latest is not None:
-                flags.add((f"{patient_id}-{first}", "inactive", latest))
+                flags.add((f"{patient_id}/{first}", "inactive", latest))
                 latest = None
         if latest is not None:
-            flags.add((f"{patient_id}-{first}", "active", latest))
+            flags.add((f"{patient_id}/{first}", "active", latest))
     return flags
 
 
@@ -137,9 +137,11 @@ def assert_server_holds_exactly_one_of_everything(server) -> None:
     assessments = server.search("RiskAssessment")
     ra_ids = Counter(identifier_value(r) for r in assessments)
     assert sorted(v for v, n in ra_ids.items() if n > 1) == [], "duplicate RiskAssessments"
-    assert set(ra_ids) == abnormal_observations(), "one RiskAssessment per abnormal Observation, no other"
+    observations = {value.split("/", 1)[1] for value in ra_ids}  # "<patient>/<observation>"
+    assert observations == abnormal_observations(), "one RiskAssessment per abnormal Observation, no other"
     for assessment in assessments:
-        assert {"reference": f"Observation/{identifier_value(assessment)}"} in assessment["basis"]
+        observation_id = identifier_value(assessment).split("/", 1)[1]
+        assert {"reference": f"Observation/{observation_id}"} in assessment["basis"]
 
 
 def test_every_abnormal_count_is_written_once_through_one_fault_in_five(fhir_server, tmp_path):

@@ -1,0 +1,65 @@
+"""State: schema upgrades in place, quarantine discard keeps a graded version in effect."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+
+from adapter.model import AgeBand, Classification, Count, Grade, Quarantine, Reading, Reason
+from adapter.state import SCHEMA_VERSION, State
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE observations (observation_id TEXT PRIMARY KEY, version TEXT NOT NULL, status TEXT NOT NULL,
+    patient_id TEXT NOT NULL, outcome TEXT NOT NULL, effective TEXT, anc_per_ul REAL, comparator TEXT,
+    lln_per_ul REAL, grade TEXT, at_least INTEGER, age_band TEXT, notes TEXT, sources TEXT,
+    processed_at TEXT NOT NULL);
+CREATE TABLE written (resource_type TEXT NOT NULL, identifier TEXT NOT NULL, patient_id TEXT NOT NULL,
+    status TEXT NOT NULL, content_hash TEXT NOT NULL, server_id TEXT, updated_at TEXT NOT NULL,
+    PRIMARY KEY (resource_type, identifier));
+INSERT INTO written VALUES ('Flag', 'p-1', 'p', 'active', 'abc', 'srv-1', '2026-11-01');
+"""
+NOW = "2026-11-26T00:00:00+00:00"
+
+
+def reading(version: str) -> Reading:
+    return Reading("o1", version, "final", "p", datetime(2026, 11, 20, tzinfo=timezone.utc), Count(300.0))
+
+
+def test_a_version_1_state_file_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.executescript(V1_SCHEMA)
+    state = State.open(path)
+    assert state._meta("schema_version") == str(SCHEMA_VERSION)
+    [flag] = state.written("p", "Flag")
+    assert (flag.identifier, flag.server_id, flag.evidence) == ("p-1", "srv-1", ())
+    assert state.ledger("nope") is None  # the new column is queryable
+
+
+def test_discarding_an_unreadable_amendment_keeps_the_graded_version_in_effect():
+    state = State(sqlite3.connect(":memory:", isolation_level=None))
+    with state.transaction():
+        state.record_classified(reading("1"), Classification(Grade.SEVERE, age_band=AgeBand.ADULT), NOW)
+        state.quarantine("o1", "2", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o1"}, NOW,
+                         keep_reading=True)
+        assert state.discard_quarantined("o1", NOW)
+    assert state.quarantined() == []
+    assert [r.version for r, _ in state.readings("p")] == ["1"]
+
+
+def test_discarding_a_plain_quarantine_marks_it_ignored():
+    state = State(sqlite3.connect(":memory:", isolation_level=None))
+    with state.transaction():
+        state.quarantine("o2", "1", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o2"}, NOW)
+        assert state.discard_quarantined("o2", NOW)
+    assert state.ledger("o2").outcome == "ignored"
+
+
+def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean():
+    state = State(sqlite3.connect(":memory:", isolation_level=None))
+    assert state.seen_before_in_pass("o1") is False
+    assert state.seen_before_in_pass("o1") is True
+    state.start_pass()
+    assert state.seen_before_in_pass("o1") is False
