@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Refusals of the bundle as such (wrong endpoint, method not allowed, too large, not implemented): sending
 # patient by patient would only repeat them, and would hide a broken server behind exit 0.
 _NOT_ABOUT_A_PATIENT = frozenset({404, 405, 413, 415, 501})
+_ADOPT_BATCH = 50  # patients per Flag lookup (comma-separated subject, kept well within URL limits)
 
 
 class Sink(Protocol):
@@ -95,6 +96,7 @@ class Summary:
     created: int = 0
     updated: int = 0
     write_failures: int = 0
+    adopted: int = 0  # Flags found on the server that state did not know
     unchanged: int = 0
     pages: int = 0
     http_requests: int = 0
@@ -116,6 +118,7 @@ class Summary:
             "created": self.created,
             "updated": self.updated,
             "write_failures": self.write_failures,
+            "adopted": self.adopted,
             "unchanged": self.unchanged,
             "pages": self.pages,
             "http_requests": self.http_requests,
@@ -253,6 +256,7 @@ class Run:
                     touched.add(patient_id)
             touched.discard("")
             crashpoints.reach("classified")
+            self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
             planned: list[writeback.Planned] = []
             for patient_id in sorted(touched):
                 planned += self._plan(patient_id)
@@ -260,12 +264,38 @@ class Run:
                 self._write(planned, now)
         crashpoints.reach("committed")
 
+    def _adopt_flags(self, patient_ids: list[str]) -> None:
+        """Before a patient's first Flag is written, look on the server for Flags of ours that state does
+        not know (state lost or restored from an old backup): they are adopted, so the episode keeps its
+        Flag instead of getting a second one under a newly computed identifier."""
+        if "Flag" not in self.output.resources:
+            return
+        unknown = [p for p in patient_ids if not self.state.written(p, "Flag")]
+        for start in range(0, len(unknown), _ADOPT_BATCH):
+            batch = unknown[start:start + _ADOPT_BATCH]
+            params = {"subject": ",".join(f"Patient/{p}" for p in batch), "_count": 1000,
+                      "_tag": f"{self.output.system_base}/tag|anc-adapter"}
+            try:
+                found = [r for page in self.client.search("Flag", params)
+                         for r in (e.get("resource") for e in page.get("entry") or [] if isinstance(e, dict))
+                         if isinstance(r, dict)]
+            except (PermanentHttpError, SearchTruncated) as exc:
+                log.warning("could not look for existing Flags; new ones are named from their evidence",
+                            extra={"event": "flag-lookup-failed", "error": str(exc)})
+                return
+            for written in writeback.adoptable(found, self.output):
+                self.state.record_written(written, _iso(self.now()))
+                self.summary.adopted += 1
+
     def _plan(self, patient_id: str) -> list[writeback.Planned]:
         previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
         if not any(previously.values()) and patient_id not in self._abnormal \
                 and not self.output.risk_assessment_for_normal and patient_id not in self._failing:
             return []  # only normal counts and nothing written before: nothing can change
-        mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output)
+        evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
+        unread = frozenset(e for e in evidence if self.state.ledger(e) is None)
+        mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output,
+                                      unread)
         rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
         self.summary.unchanged += sum(
             (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items

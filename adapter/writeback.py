@@ -92,17 +92,21 @@ def plan_patient(
     readings: list[Graded],
     previously: dict[str, list[Written]],
     output: Output,
+    unread: frozenset[str] = frozenset(),
 ) -> list[Planned]:
-    """Everything that must change on the server for one patient; nothing when it already says it."""
+    """Everything that must change on the server for one patient; nothing when it already says it.
+    `unread`: evidence of earlier Flags that this state has never read (a Flag adopted from the server
+    after state loss, whose Observations later pages will bring) — such a Flag is not judged yet."""
     planned: list[Planned] = []
     if "Flag" in output.resources:
-        planned += _plan_flags(patient_id, readings, previously.get("Flag", []), output)
+        planned += _plan_flags(patient_id, readings, previously.get("Flag", []), output, unread)
     if "RiskAssessment" in output.resources:
         planned += _plan_risk_assessments(patient_id, readings, previously.get("RiskAssessment", []), output)
     return planned
 
 
-def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Written], output: Output) -> list[Planned]:
+def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Written], output: Output,
+                unread: frozenset[str] = frozenset()) -> list[Planned]:
     """One Flag per episode. An episode keeps the Flag whose evidence it shares, so a late older count,
     a backfilled earlier episode or a withdrawn count never renumbers or swaps the patient's Flags. An
     episode sharing nothing takes over a Flag whose evidence is all gone (a measured count replacing a
@@ -113,11 +117,19 @@ def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Writte
     found = episodes(readings)
     claimed: dict[int, Written] = {}
     for index, episode in enumerate(found):
-        overlap = [w for w in live if w not in claimed.values() and episode.evidence & set(w.evidence)]
-        if overlap:
-            claimed[index] = max(overlap, key=lambda w: (len(episode.evidence & set(w.evidence)), w.identifier))
+        natural = scoped(patient_id, episode.first[0].observation_id)
+        candidates = [w for w in live if w not in claimed.values()
+                      and (episode.evidence & set(w.evidence) or w.identifier == natural)]
+        if candidates:
+            # The Flag named after this episode's first count is the surest match (after state loss its
+            # evidence may not have been read yet); then the one sharing the most evidence.
+            claimed[index] = max(candidates, key=lambda w: (w.identifier == natural,
+                                                            len(episode.evidence & set(w.evidence)),
+                                                            w.identifier))
     current = set().union(*(e.evidence for e in found)) if found else set()
-    orphans = [w for w in live if w not in claimed.values() and not current & set(w.evidence)]
+    pending = {w.identifier for w in live if w not in claimed.values() and set(w.evidence) & unread}
+    orphans = [w for w in live if w not in claimed.values() and not current & set(w.evidence)
+               and w.identifier not in pending]
     for index in reversed(range(len(found))):  # the most recent episode first
         if index not in claimed and orphans:
             claimed[index] = orphans.pop()
@@ -128,7 +140,7 @@ def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Writte
         status = "active" if episode.closed_by is None else "inactive"
         wanted[identifier] = (status, _flag(patient_id, identifier, status, episode, output), episode.evidence)
     for identifier, written in before.items():
-        if identifier not in wanted and written.status != "entered-in-error":
+        if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
             # No remaining evidence: withdrawn, amended away, or merged into an older episode.
             wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
                                   frozenset(written.evidence))
@@ -249,6 +261,24 @@ def accepted(planned: list[Planned], response: dict[str, Any], output: Output) -
         server_id = _server_id(plan.resource_type, answer.get("location"), entry)
         written.append((plan.written(server_id), status.startswith("201")))
     return written
+
+
+def adoptable(resources: list[dict[str, Any]], output: Output) -> list[Written]:
+    """Our Flags as found on the server, as state would have recorded them. The content hash is left
+    empty so the next plan rewrites them (by id); the Observation in flag-detail is their evidence."""
+    adopted = []
+    for flag in resources:
+        identifier = next((i.get("value") for i in flag.get("identifier") or []
+                           if isinstance(i, dict) and i.get("system") == output.identifier_system("Flag")), None)
+        reference = (flag.get("subject") or {}).get("reference", "")
+        if flag.get("resourceType") != "Flag" or not identifier or not reference.startswith("Patient/"):
+            continue
+        details = [e.get("valueReference", {}).get("reference", "") for e in flag.get("extension") or []
+                   if isinstance(e, dict) and e.get("url") == FLAG_DETAIL]
+        evidence = tuple(sorted(d.removeprefix("Observation/") for d in details if d.startswith("Observation/")))
+        adopted.append(Written("Flag", identifier, reference.removeprefix("Patient/"), str(flag.get("status")),
+                               "", flag.get("id"), evidence))
+    return adopted
 
 
 def _flag(patient_id: str, identifier: str, status: str, episode: Episode, output: Output) -> dict[str, Any]:

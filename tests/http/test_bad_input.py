@@ -41,6 +41,8 @@ class FakeServer:
         self.mock = mock
         self.transactions: list[dict[str, Any]] = []
         mock.get(f"{BASE}/metadata", body=metadata.read_text(), content_type=FHIR_JSON)
+        mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), content_type=FHIR_JSON,  # no Flags of ours yet
+                 json={"resourceType": "Bundle", "type": "searchset", "entry": []})
         mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/Patient/[^/?]+"),
                           callback=self._patient, content_type=FHIR_JSON)
         mock.add_callback(responses.POST, BASE, callback=self._transaction, content_type=FHIR_JSON)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import responses
@@ -17,6 +18,10 @@ CAPABILITY = {
         {"type": "Flag", "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]},
     ]}],
 }
+
+
+FLAG_SEARCH = re.compile(rf"{re.escape(BASE)}/Flag\b.*")
+EMPTY_SEARCH = {"resourceType": "Bundle", "type": "searchset", "entry": []}
 
 
 def page(*resources, next_url=None, included=()):
@@ -37,6 +42,7 @@ def transaction_echo(request):
 def server():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.add_callback(responses.POST, BASE, callback=transaction_echo)
         yield mock
 
@@ -96,6 +102,7 @@ def test_a_patient_whose_writes_the_server_refuses_does_not_block_the_others(tmp
     state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.add_callback(responses.POST, BASE, callback=answer)
@@ -132,6 +139,7 @@ def test_batch_is_used_when_the_server_has_no_transactions_and_a_failed_entry_co
     state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=batch_only)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.add_callback(responses.POST, BASE, callback=batch_answer)
@@ -160,6 +168,7 @@ def test_the_write_mode_is_pinned_at_first_use(tmp_path):
     for statement, observation in ((CAPABILITY, anc("o1", "a", 0.4)), (without_conditional, anc("o2", "b", 0.4))):
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             mock.get(f"{BASE}/metadata", json=statement)
+            mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
             mock.get(f"{BASE}/Observation", json=page(observation, included=[patient("a"), patient("b")]))
             mock.add_callback(responses.POST, BASE, callback=transaction_echo)
             assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
@@ -170,6 +179,7 @@ def test_the_write_mode_is_pinned_at_first_use(tmp_path):
 def test_a_failed_run_still_logs_one_summary_line(tmp_path, capsys):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", status=400)
         assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3"), "--log-format", "json"]) == 3
     summaries = [json.loads(l) for l in capsys.readouterr().err.splitlines() if '"run-summary"' in l]
@@ -188,6 +198,7 @@ def test_quarantine_retry_grades_only_the_named_ids_and_does_not_search(tmp_path
     args = ["--config", str(config), "--fhir-url", BASE, "--state", state]
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", json=page(anc("q1", "a", 0.4, unit="Giga/L"), anc("q2", "b", 0.4, unit="Giga/L"),
                                                   included=[patient("a"), patient("b")]))
         mock.get(f"{BASE}/Patient/a", json=patient("a"))
@@ -211,6 +222,7 @@ def test_an_observation_read_twice_in_one_pass_keeps_the_watermark(tmp_path, rep
     state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", json=page(first, next_url=f"{BASE}/Observation?page=2",
                                                   included=[patient("a")]))
         mock.get(f"{BASE}/Observation?page=2", json=page(again if repeated else other,
@@ -244,6 +256,7 @@ def test_a_bundle_refused_as_such_is_not_retried_patient_by_patient(tmp_path):
     state = str(tmp_path / "s.sqlite3")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.post(BASE, status=405)

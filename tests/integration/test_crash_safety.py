@@ -112,3 +112,19 @@ def test_no_patient_data_in_any_log_line(fhir_server, tmp_path, capsys):
     assert "o-q1" in everything  # ids are logged, so the check below is not vacuous
     for secret in names + ["Zyxwvutsrq", "1975-06-01", "1961-02-03", "Alex"]:
         assert secret not in everything
+
+
+def test_lost_state_after_an_episode_grew_backwards_adopts_the_existing_flag(fhir_server, tmp_path):
+    # Flag named after o5; then an older abnormal o3 joins the same episode; then the state is lost.
+    # Recomputed from scratch the episode would be named after o3: without looking on the server first,
+    # the patient would get a second active Flag.
+    fhir_server.load(patient("p"), anc("o5", "p", 0.3, effective="2026-11-20T08:00:00Z"))
+    config = config_file(tmp_path, fhir_server.base_url)
+    assert main(["run", "--config", str(config)]) == 0
+    fhir_server.load(anc("o3", "p", 0.8, effective="2026-11-18T08:00:00Z"))
+    assert main(["run", "--config", str(config)]) == 0
+    (tmp_path / "state.sqlite3").unlink()
+    assert main(["run", "--config", str(config)]) == 0
+    flags = fhir_server.flags("p")
+    assert [(f["status"], f["identifier"][0]["value"]) for f in flags] == [("active", "p/o5")]
+    assert flags[0]["period"]["start"].startswith("2026-11-18")
