@@ -29,6 +29,9 @@ class NoClient:
     def get(self, *args, **kwargs):
         raise AssertionError("no HTTP in the CPU benchmark")
 
+    def search(self, *args, **kwargs):
+        return iter(())  # no Flags of ours on the (absent) server
+
 
 def pages(n: int, page_size: int, normal_only: bool) -> list[str]:
     resources = list(patients_and_observations(n))
