@@ -59,7 +59,6 @@ class Reason(str, Enum):
     NO_SUBJECT = "no-subject"
     UNGRADABLE_COMPARATOR = "ungradable-comparator"
     UNKNOWN_MODIFIER = "unknown-modifier"  # a modifierExtension may change the meaning: never guess
-    MALFORMED = "malformed"
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,6 @@ class Reading:
     count: Count
     lln_per_ul: float | None = None  # referenceRange.low, normalised
     sources: tuple[str, ...] = ()  # a derived ANC: the Observations it was computed from
-
-    @property
-    def derived(self) -> bool:
-        return bool(self.sources)
 
     @property
     def evidence(self) -> tuple[str, ...]:

@@ -293,7 +293,7 @@ class Run:
                 and not self.output.risk_assessment_for_normal and patient_id not in self._failing:
             return []  # only normal counts and nothing written before: nothing can change
         evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
-        unread = frozenset(e for e in evidence if self.state.ledger(e) is None)
+        unread = frozenset(evidence - self.state.ledgered_ids(evidence))
         mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output,
                                       unread)
         rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}

@@ -211,10 +211,18 @@ class State:
                         row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")))
 
     def processed_version(self, observation_id: str) -> str | None:
-        row = self.db.execute(
-            "SELECT version FROM observations WHERE observation_id = ?", (observation_id,)
-        ).fetchone()
-        return row["version"] if row else None
+        ledgered = self.ledger(observation_id)
+        return ledgered.version if ledgered else None
+
+    def ledgered_ids(self, observation_ids: set[str]) -> set[str]:
+        """Which of these Observations this state has read at all."""
+        if not observation_ids:
+            return set()
+        ids = sorted(observation_ids)
+        rows = self.db.execute(
+            f"SELECT observation_id FROM observations WHERE observation_id IN ({','.join('?' * len(ids))})", ids
+        ).fetchall()
+        return {row["observation_id"] for row in rows}
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
