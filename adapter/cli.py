@@ -239,8 +239,9 @@ def _output(config: Config, client: FhirClient, state: State) -> Output:
 
 def _cmd_check(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
-    mappings_module.load(config.mappings.path)
-    report = capability.check(_client(config), config)
+    mappings = mappings_module.load(config.mappings.path)
+    codes = mappings.anc_codes + (tuple(sorted(mappings.input_kinds())) if config.classify.derive else ())
+    report = capability.check(_client(config), config, codes)
     sys.stdout.write(report.render())
     return int(report.exit_code)
 

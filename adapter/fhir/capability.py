@@ -1,61 +1,86 @@
-"""`anc-adapter check`: can this adapter do its job against this server? A checklist a person can read."""
+"""`anc-adapter check`: can this adapter do its job against this server? A checklist a person can read.
+
+`check` and `run` agree: `[FAIL]` only for what will make `run` fail; what the server's CapabilityStatement
+does not declare but `run` will still try is `[warn]`, saying what `run` will do and what happens if the
+server refuses it. Many servers under-declare (Sekmet lists no RiskAssessment at all, yet writes it), so an
+undeclared interaction is no reason to stop a deployment; a declared refusal, or a live request that
+fails, is."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
+from adapter import source
 from adapter.config import Config
-from adapter.errors import AdapterError, AuthError, ConfigError, ExitCode
+from adapter.errors import AdapterError, AuthError, ConfigError, ExitCode, TransientHttpError
 from adapter.fhir.client import FhirClient
+from adapter.mappings import Coding
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 
 @dataclass
 class Report:
-    items: list[tuple[bool, str]] = field(default_factory=list)
+    items: list[tuple[str, str]] = field(default_factory=list)  # (OK | WARN | FAIL, text)
     exit_code: ExitCode = ExitCode.OK
 
-    def add(self, ok: bool, text: str) -> None:
-        self.items.append((ok, text))
-        if not ok and self.exit_code == ExitCode.OK:
-            self.exit_code = ExitCode.CONFIG
+    def add(self, level: str, text: str, exit_code: ExitCode = ExitCode.CONFIG) -> None:
+        self.items.append((level, text))
+        if level == FAIL and self.exit_code == ExitCode.OK:
+            self.exit_code = exit_code
 
     def render(self) -> str:
-        lines = [f"[{'ok' if ok else 'FAIL'}] {text}" for ok, text in self.items]
-        verdict = "ready" if self.exit_code == ExitCode.OK else f"NOT ready (exit {int(self.exit_code)})"
+        lines = [f"[{level}] {text}" for level, text in self.items]
+        if self.exit_code != ExitCode.OK:
+            verdict = f"NOT ready (exit {int(self.exit_code)})"
+        elif any(level == WARN for level, _ in self.items):
+            verdict = "ready, with warnings"
+        else:
+            verdict = "ready"
         return "\n".join(lines + [verdict]) + "\n"
 
 
-def check(client: FhirClient, config: Config) -> Report:
+def check(client: FhirClient, config: Config, codes: tuple[Coding, ...]) -> Report:
+    """`codes`: what run searches for (the ANC codes, plus the derivation inputs when classify.derive)."""
     report = Report()
-    report.add(True, f"config valid; server {client.base_url}; auth {config.auth.type}")
+    report.add(OK, f"config valid; server {client.base_url}; auth {config.auth.type}")
     try:
         statement = client.get("metadata")
     except ConfigError:
         raise  # e.g. token endpoint discovery failed: fix auth.token_url (exit 2)
     except AuthError as exc:
-        report.add(False, f"authentication: {exc}")
-        report.exit_code = ExitCode.AUTH
+        report.add(FAIL, f"authentication: {exc}", ExitCode.AUTH)
         return report
     except AdapterError as exc:
-        report.add(False, f"server reachable: {exc}")
-        report.exit_code = ExitCode.UNREACHABLE
+        report.add(FAIL, f"server reachable: {exc}", ExitCode.UNREACHABLE)
         return report
     if statement.get("resourceType") != "CapabilityStatement":
-        report.add(False, "/metadata did not return a CapabilityStatement")
+        # run reads /metadata too, finds no declarations and writes the undeclared way: but a server
+        # that answers /metadata with something else is not a FHIR base URL we should write to.
+        report.add(FAIL, "/metadata did not return a CapabilityStatement: is fhir.base_url the FHIR base?")
         return report
-    report.add(True, f"/metadata read (FHIR {statement.get('fhirVersion', '?')})")
+    report.add(OK, f"/metadata read (FHIR {statement.get('fhirVersion', '?')})")
+    # The very query run sends on its first pass (one entry): a server that refuses a parameter, _include
+    # or _sort fails here exactly as run would.
+    since = datetime.now(timezone.utc) - config.poll.lookback
     try:
-        client.get("Observation", params={"_count": 1, "code": "http://loinc.org|751-8"})
-        report.add(True, "authenticated search: Observation?code=…")
+        bundle = client.get("Observation", params=source.search_params(codes, since, None, 1))
+        if bundle.get("resourceType") != "Bundle":
+            report.add(FAIL, f"search Observation: answered a {bundle.get('resourceType')!r}, not a Bundle; "
+                             "run would stop with exit 3")
+        else:
+            report.add(OK, "authenticated search: Observation?code=…&_lastUpdated=…&_include=…&_sort=… "
+                           "(the query run sends)")
     except AuthError as exc:
-        report.add(False, f"authentication: {exc}")
-        report.exit_code = ExitCode.AUTH
+        report.add(FAIL, f"authentication: {exc}", ExitCode.AUTH)
         return report
     except AdapterError as exc:
-        report.add(False, f"search Observation: {exc}")
-    for ok, text in interactions(statement, config):
-        report.add(ok, text)
+        code = ExitCode.UNREACHABLE if isinstance(exc, TransientHttpError) else ExitCode.CONFIG
+        report.add(FAIL, f"search Observation: {exc}; run would stop with exit 3", code)
+    for level, text in interactions(statement, config):
+        report.add(level, text)
     return report
 
 
@@ -97,43 +122,75 @@ def bundle_type(statement: dict[str, Any]) -> str:
     return "batch" if "batch" in system and "transaction" not in system else "transaction"
 
 
-def interactions(statement: dict[str, Any], config: Config) -> list[tuple[bool, str]]:
+def interactions(statement: dict[str, Any], config: Config) -> list[tuple[str, str]]:
+    """What the CapabilityStatement says about each thing run does: (OK | WARN | FAIL, text)."""
     rest = _server_rest(statement)
     resources = _resources(rest)
     system = _codes(rest.get("interaction"))
 
-    def supports(kind: str, interaction: str) -> bool:
+    def declared(kind: str, interaction: str) -> bool:
         return interaction in _codes(resources.get(kind, {}).get("interaction"))
 
-    def params(kind: str) -> set[str]:
-        return _codes(resources.get(kind, {}).get("searchParam"), "name")
-
-    observation_params = params("Observation")
-
-    def param(name: str, standard: bool) -> tuple[bool, str]:
-        if name in observation_params:
-            return True, f"search Observation by {name}"
-        if standard:  # _lastUpdated is defined for every resource; many servers do not list it
-            return True, f"search Observation by {name} (standard parameter, not declared)"
-        return False, f"search Observation by {name}: not in the CapabilityStatement"
-
+    observation_params = _codes(resources.get("Observation", {}).get("searchParam"), "name")
     results = [
-        (supports("Observation", "search-type"), "search Observation"),
-        param("code", standard=False),
-        param("_lastUpdated", standard=True),
-        (supports("Patient", "read"), "read Patient"),
-        ("transaction" in system or "batch" in system,
-         f"write bundles: {bundle_type(statement)}" if "transaction" in system or "batch" in system
-         else "write bundles: neither transaction nor batch"),
+        (OK, "search Observation") if declared("Observation", "search-type") else
+        (WARN, "search Observation: not declared; run searches anyway (the search above shows whether the "
+               "server answers) — if the server refuses, run exits 3 and the watermark stays"),
+        (OK, "search Observation by code") if "code" in observation_params else
+        (WARN, "search Observation by code: not declared; run searches by code anyway — if the server "
+               "ignores the parameter, run reads every Observation in the window and keeps only the codes "
+               "in its mappings (slower, nothing missed)"),
+        (OK, "search Observation by _lastUpdated") if "_lastUpdated" in observation_params else
+        (WARN, "search Observation by _lastUpdated: not declared (a standard parameter many servers do not "
+               "list); run searches by it anyway — if the server ignores it, every run reads all ANC "
+               "Observations again (slower; versions already processed are skipped, nothing is written "
+               "twice)"),
+        (OK, "read Patient") if declared("Patient", "read") else
+        (WARN, "read Patient: not declared; run reads Patient/<id> only for patients the search did not "
+               "_include — if the server refuses such a read, run exits 3 and the next run tries again"),
     ]
+    results.append(_bundles(system, config))
     modes = write_modes(statement, config.output.resources)
     for kind in config.output.resources:
-        listed = kind in resources
-        if modes[kind] == CONDITIONAL:
-            results.append((True, f"write {kind}: conditional update by identifier"))
-        elif not listed or resources[kind].get("updateCreate"):
-            results.append((True, f"write {kind}: update-as-create with ids derived from our identifiers"
-                                  + ("" if listed else f" ({kind} is not in the CapabilityStatement)")))
-        else:
-            results.append((False, f"write {kind}: neither conditional update by identifier nor updateCreate"))
+        results.append(_write(kind, modes[kind], resources))
+    if config.output.provenance:
+        results.append(_write("Provenance", CLIENT_ID, resources))
     return results
+
+
+def _bundles(system: set[Any], config: Config) -> tuple[str, str]:
+    if "transaction" in system:
+        return OK, "write bundles: transaction"
+    if "batch" in system:
+        if config.output.provenance:
+            # run refuses this with a ConfigError: a Provenance must name the resource it is about, and
+            # inside a batch a new resource's id is unknown.
+            return FAIL, ("write bundles: the server declares batch but not transaction, and "
+                          "output.provenance = true needs transactions; run stops with exit 2 — set "
+                          "output.provenance = false, or enable transactions on the server")
+        return OK, "write bundles: batch"
+    return WARN, ("write bundles: the server declares neither transaction nor batch; run will POST a "
+                  "transaction bundle — if the server refuses it, nothing is committed, run exits 3 and the "
+                  "next run sends the same writes again")
+
+
+def _write(kind: str, mode: str, resources: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    if mode == CONDITIONAL:
+        return OK, f"write {kind}: conditional update by identifier"
+    entry = resources.get(kind)
+    if entry is not None and entry.get("updateCreate") is True:
+        return OK, f"write {kind}: update-as-create with ids derived from our identifiers"
+    put = f"run will PUT {kind}/<id derived from our identifier>"
+    if entry is not None and (entry.get("updateCreate") is False
+                              or ("interaction" in entry and "update" not in _codes(entry.get("interaction")))):
+        # The server says, in so many words, that it refuses the only write left to us: every patient's
+        # writes would be refused on every run and no alert would ever reach the chart.
+        said = "updateCreate false" if entry.get("updateCreate") is False else "no update interaction"
+        return FAIL, (f"write {kind}: the server declares {said} and no conditional update by identifier; "
+                      f"{put}, which it says it refuses (run would exit 3 on every run) — enable "
+                      f"update-as-create, or conditional update with the identifier search parameter, for "
+                      f"{kind}")
+    what = (f"{kind} is not in the CapabilityStatement" if entry is None else
+            "the server declares neither conditional update by identifier nor updateCreate")
+    return WARN, (f"write {kind}: {what}; {put} — if the server refuses, the patient's writes are kept in "
+                  f"state and retried every run, and run exits 3")

@@ -17,9 +17,15 @@ def test_check_reports_ready_against_the_local_server(fhir_server, capsys, tmp_p
     config.write_text('[output]\nresources = ["Flag", "RiskAssessment"]\n')
     assert main(["check", "--config", str(config), "--fhir-url", fhir_server.base_url]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and out.rstrip().endswith("ready")
+    # Sekmet 0.1.1 lists no RiskAssessment in its CapabilityStatement, yet writes it: since check agrees
+    # with run (CONTRACT §1), that is a [warn] and "ready, with warnings", no longer [ok] and "ready".
+    assert "FAIL" not in out and out.rstrip().endswith("ready, with warnings")
     assert "[ok] write Flag: conditional update by identifier" in out
-    assert "[ok] write RiskAssessment: update-as-create" in out
+    assert "[warn] write RiskAssessment: RiskAssessment is not in the CapabilityStatement; run will PUT" in out
+    config.write_text('[output]\nresources = ["Flag"]\n')
+    assert main(["check", "--config", str(config), "--fhir-url", fhir_server.base_url]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "[warn]" not in out and out.rstrip().endswith("\nready")
 
 
 def test_check_exit_codes_for_unreachable_and_bad_config(tmp_path, capsys):
