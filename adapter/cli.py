@@ -21,6 +21,7 @@ from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth, capability
 from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
+from adapter.fhir.throttle import TokenBucket
 from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
 from adapter.state import State
 from adapter.writeback import Output
@@ -127,8 +128,9 @@ def _client(config: Config) -> FhirClient:
     session, token_http = client_module.session(verify, cert), client_module.session(verify, cert)
     session.auth = auth.build(config.auth, config.fhir.base_url, token_http, config.fhir.timeout_s)
     retry = RetryPolicy(attempts=config.fhir.retries + 1, budget_s=config.fhir.retry_budget_s)
+    rate = config.fhir.max_requests_per_s
     return FhirClient(config.fhir.base_url, session, timeout_s=config.fhir.timeout_s,
-                      max_pages=config.fhir.max_pages, retry=retry)
+                      max_pages=config.fhir.max_pages, retry=retry, limit=TokenBucket(rate) if rate else None)
 
 
 def _cmd_run(args: argparse.Namespace, run_id: str) -> int:

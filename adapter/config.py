@@ -4,6 +4,7 @@ wrong type is a ConfigError that names the key."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -34,6 +35,7 @@ class FhirConfig:
     max_bundle_entries: int = 500  # writes per transaction; some servers refuse larger bundles
     retries: int = 5  # retries of a failed call (connection, timeout, 408, 429, 5xx)
     retry_budget_s: float = 120.0  # total time one call may spend retrying
+    max_requests_per_s: float = 0.0  # client-side limit for servers that throttle; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,9 @@ def _validated(config: Config) -> Config:
         raise bad("fhir.retries", "must be >= 0")
     if config.fhir.retry_budget_s < 0:
         raise bad("fhir.retry_budget_s", "must be >= 0")
+    if not 0 <= config.fhir.max_requests_per_s < math.inf:  # also refuses nan, which TOML allows
+        raise bad("fhir.max_requests_per_s", f"must be a number >= 0 (0 = no limit), got "
+                                             f"{config.fhir.max_requests_per_s!r}")
     if config.fhir.max_pages < 1:
         raise bad("fhir.max_pages", "must be >= 1")
     if config.auth.type not in AUTH_TYPES:

@@ -1,0 +1,58 @@
+"""[fhir] max_requests_per_s in the FHIR client (responses mocks, a fake clock): every try of every call
+takes its slot from the bucket — retries and the background page prefetch included."""
+
+from __future__ import annotations
+
+import requests
+import responses
+from responses import matchers
+
+from adapter.fhir.client import FhirClient, RetryPolicy
+from adapter.fhir.throttle import TokenBucket
+
+BASE = "https://fhir.example.org/r4"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def limited_client(clock: Clock, rate: float = 2.0) -> FhirClient:
+    return FhirClient(BASE, requests.Session(), timeout_s=5,
+                      retry=RetryPolicy(attempts=4, budget_s=60, initial_s=0.0), sleep=lambda s: None,
+                      limit=TokenBucket(rate, clock=clock, sleep=clock.sleep))
+
+
+@responses.activate
+def test_retries_wait_for_their_slot_too():
+    responses.get(f"{BASE}/metadata", status=503)
+    responses.get(f"{BASE}/metadata", status=429)
+    responses.get(f"{BASE}/metadata", json={"resourceType": "CapabilityStatement"})
+    clock = Clock()
+    assert limited_client(clock).get("metadata")["resourceType"] == "CapabilityStatement"
+    assert len(responses.calls) == 3
+    assert clock.slept == [0.5, 0.5]  # the first try at once, each retry one interval (1/2 s) later
+
+
+@responses.activate
+def test_paging_with_prefetch_is_limited():
+    pages = 4
+    for n in range(pages):
+        link = [{"relation": "next", "url": f"{BASE}/Observation?page={n + 1}"}] if n + 1 < pages else []
+        responses.get(f"{BASE}/Observation", match=[matchers.query_param_matcher({"page": str(n)} if n else {})],
+                      json={"resourceType": "Bundle", "link": link,
+                            "entry": [{"resource": {"resourceType": "Observation", "id": f"o{n}"}}]})
+    clock = Clock()
+    assert len(list(limited_client(clock).search("Observation", {}))) == pages
+    assert len(responses.calls) == pages
+    assert clock.slept == [0.5] * (pages - 1)
+
