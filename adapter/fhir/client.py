@@ -28,7 +28,7 @@ from tenacity import (
 )
 
 from adapter.errors import AuthError, FhirError, PermanentHttpError, SearchTruncated, TransientHttpError
-from adapter.fhir.throttle import TokenBucket
+from adapter.fhir.throttle import ThrottledAdapter, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class FhirClient:
         self.max_pages = max_pages
         self.retry = retry
         self._sleep = sleep
-        self._limit = limit  # [fhir] max_requests_per_s; None = no client-side limit
+        if limit is not None:  # [fhir] max_requests_per_s; the token endpoint has its own session, unlimited
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, ThrottledAdapter(limit))
         self.requests_by_status: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         session.headers.setdefault("Accept", FHIR_JSON)
@@ -183,8 +185,6 @@ class FhirClient:
 
     def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
-        if self._limit is not None:  # every try counts against the limit, retries included
-            self._limit.acquire()
         try:
             response = self.session.request(
                 method, url, params=params, json=body, headers=headers, timeout=self.timeout_s

@@ -9,6 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
 
 
 class TokenBucket:
@@ -41,3 +45,17 @@ class TokenBucket:
         if wait > 0:
             self._sleep(wait)
         return max(wait, 0.0)
+
+
+class ThrottledAdapter(HTTPAdapter):
+    """The session's transport, waiting for a slot before each request. At this level the limit sees
+    every request the FHIR session sends: the client's tries and retries, the prefetch thread's pages,
+    and the one retry the token auth sends by itself after a 401 (straight to the adapter)."""
+
+    def __init__(self, bucket: TokenBucket, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.bucket = bucket
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        self.bucket.acquire()
+        return super().send(request, *args, **kwargs)

@@ -7,6 +7,7 @@ import requests
 import responses
 from responses import matchers
 
+from adapter.fhir import auth
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.fhir.throttle import TokenBucket
 
@@ -56,3 +57,32 @@ def test_paging_with_prefetch_is_limited():
     assert len(responses.calls) == pages
     assert clock.slept == [0.5] * (pages - 1)
 
+
+
+class Tokens:
+    """Stands in for a token endpoint: a new token each time one is invalidated."""
+
+    token_url = "https://login.example.org/token"
+
+    def __init__(self) -> None:
+        self.issued = 1
+
+    def token(self) -> str:
+        return f"token-{self.issued}"
+
+    def invalidate(self, token: str) -> None:
+        self.issued += 1
+
+
+@responses.activate
+def test_the_retry_after_a_401_the_auth_sends_itself_is_limited_too():
+    """TokenAuth resends a refused request straight through the transport adapter, past the client's
+    retry loop: the limit sits in the adapter so that request waits for its slot as well."""
+    responses.get(f"{BASE}/metadata", status=401)
+    responses.get(f"{BASE}/metadata", json={"resourceType": "CapabilityStatement"})
+    clock = Clock()
+    client = limited_client(clock)
+    client.session.auth = auth.TokenAuth(Tokens())
+    assert client.get("metadata")["resourceType"] == "CapabilityStatement"
+    assert [c.request.headers["Authorization"] for c in responses.calls] == ["Bearer token-1", "Bearer token-2"]
+    assert clock.slept == [0.5]
