@@ -57,11 +57,14 @@ def check(client: FhirClient, config: Config, codes: tuple[Coding, ...]) -> Repo
         report.add(FAIL, f"server reachable: {exc}", ExitCode.UNREACHABLE)
         return report
     if statement.get("resourceType") != "CapabilityStatement":
-        # run reads /metadata too, finds no declarations and writes the undeclared way: but a server
-        # that answers /metadata with something else is not a FHIR base URL we should write to.
-        report.add(FAIL, "/metadata did not return a CapabilityStatement: is fhir.base_url the FHIR base?")
-        return report
-    report.add(OK, f"/metadata read (FHIR {statement.get('fhirVersion', '?')})")
+        # run finds no declarations in it either and goes on the undeclared way; the live search below
+        # tells whether fhir.base_url is a FHIR server at all.
+        report.add(WARN, f"/metadata answered a {statement.get('resourceType')!r}, not a CapabilityStatement; "
+                         "run declares nothing from it and writes the undeclared way (below) — is "
+                         "fhir.base_url the FHIR base?")
+        statement = {}
+    else:
+        report.add(OK, f"/metadata read (FHIR {statement.get('fhirVersion', '?')})")
     # The very query run sends on its first pass (one entry): a server that refuses a parameter, _include
     # or _sort fails here exactly as run would.
     since = datetime.now(timezone.utc) - config.poll.lookback

@@ -160,3 +160,14 @@ def test_a_failing_live_search_is_a_failure_even_when_declared(tmp_path, capsys,
     code, lines, _ = check(tmp_path, capsys, minimal(), search=body, search_status=status)
     assert code == exit_code and lines[-1] == f"NOT ready (exit {exit_code})"
     assert line(lines, "search Observation:").startswith("[FAIL] search Observation:")
+
+
+def test_metadata_that_is_no_capability_statement_warns_and_the_live_search_decides(tmp_path, capsys):
+    """run reads nothing from such an answer and writes the undeclared way; only a failing search fails."""
+    not_a_statement = {"resourceType": "Basic", "code": {"text": "gateway status"}}
+    code, lines, _ = check(tmp_path, capsys, not_a_statement)
+    assert code == 0 and lines[-1] == "ready, with warnings"
+    assert line(lines, "/metadata").startswith("[warn] /metadata answered a 'Basic'")
+    assert line(lines, "write Flag").startswith("[warn] write Flag: Flag is not in the CapabilityStatement")
+    code, lines, _ = check(tmp_path, capsys, not_a_statement, search=not_a_statement)
+    assert code == 2 and lines[-1] == "NOT ready (exit 2)"
