@@ -74,7 +74,7 @@ def _doc_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
         key = re.fullmatch(r"`(\w+)`", cells[0]) if cells else None
         if section and key:
-            rows[(section, key[1])] = cells
+            rows.setdefault((section, key[1]), cells)  # the reference row comes first in its section
     return rows
 
 
@@ -86,7 +86,7 @@ def test_every_config_key_is_in_the_reference_with_its_default(section, key, def
     rows = _doc_rows((DOCS / "configuration.md").read_text(encoding="utf-8"))
     assert (section, key) in rows, (
         f"[{section}] {key} is a config key (adapter/config.py) but docs/configuration.md has no row for it: "
-        f"add `| \\`{key}\\` | type | default | what it does | example |` under the heading `### \\`[{section}]\\``")
+        f"add a row `| \\`{key}\\` | type | \\`default\\` | what it does | example |` under its `[{section}]` heading")
     cells = rows[(section, key)]
     assert len(cells) >= 3 and cells[2] == f"`{_toml_literal(default)}`", (
         f"docs/configuration.md shows the default of [{section}] {key} as {cells[2:3]}; "
@@ -103,9 +103,9 @@ def _example_sections() -> dict[str, dict[str, str]]:
             section = header["name"]
             found.setdefault(section, {})
             continue
-        assignment = re.match(r"^\s*#?\s*(?P<key>\w+)\s*=", line)
-        if section and assignment:
-            found[section].setdefault(assignment["key"], line)
+        # A key may be shown commented out, or as an alternative in a comment ("# or password_file = …").
+        for key in re.findall(r"(?:^|[#\s])(\w+)\s*=", line) if section else ():
+            found[section].setdefault(key, line)
     return found
 
 
@@ -119,7 +119,7 @@ def test_every_config_key_is_in_the_example_config(section, key, default):
     assert line is not None, (
         f"[{section}] {key} is a config key (adapter/config.py) but config/adapter.example.toml does not show "
         f"it: add it under [{section}] with its default and a comment")
-    if line.lstrip().startswith("#") or (section, key) in EXAMPLE_NOT_DEFAULT:
+    if not re.match(rf"^\s*{key}\s*=", line) or (section, key) in EXAMPLE_NOT_DEFAULT:
         return  # shown as an example (secrets by reference), not as the default
     shown = tomllib.loads(line.strip())[key]  # TOML allows the trailing comment
     expected = list(default) if isinstance(default, tuple) else default
