@@ -3,8 +3,9 @@
 - Every config key of adapter/config.py is in docs/configuration.md (with its default) and in
   config/adapter.example.toml, so a key added later cannot go undocumented.
 - Every environment variable the adapter reads, every quarantine reason and every exit code is documented.
-- docs/examples/*.json are what the real writeback functions produce for a small fixed scenario. When the
-  writeback output changes, this test fails; regenerate with
+- docs/examples/*.json are what `anc-adapter run` reads and posts for a small fixed scenario (the real
+  command end to end, against a mocked FHIR server). When what it writes changes, this test fails;
+  regenerate with
 
       ANC_REGENERATE_DOCS=1 .venv/bin/python -m pytest tests/unit/test_docs.py
 
@@ -14,9 +15,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
+import tempfile
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from adapter import classify, config, extract, writeback
+from adapter import config
 from adapter import mappings as mappings_module
 from adapter.errors import ExitCode
-from adapter.model import Classification, Patient, Reading, Reason
+from adapter.model import Reason
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -35,19 +38,26 @@ EXAMPLES = DOCS / "examples"
 REGENERATE = "ANC_REGENERATE_DOCS=1 .venv/bin/python -m pytest tests/unit/test_docs.py"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
-# The Provenance's `recorded` is the wall-clock time of the write; the examples show a fixed one.
 RECORDED = "2026-11-20T08:20:03Z"
 
 
 # -- configuration reference -------------------------------------------------------------------------
 
 def _config_keys() -> list[tuple[str, str, Any]]:
-    """(section, key, default) for every key of every section dataclass of Config."""
-    keys = []
-    for section in dataclasses.fields(config.Config):
-        defaults = section.default_factory()  # type: ignore[misc]
+    """(section, key, default) for every key of every section dataclass of Config; a nested table (a
+    dataclass inside a section) is its own section, `[section.table]`."""
+    keys: list[tuple[str, str, Any]] = []
+
+    def walk(section: str, defaults: Any) -> None:
         for key in dataclasses.fields(defaults):
-            keys.append((section.name, key.name, getattr(defaults, key.name)))
+            value = getattr(defaults, key.name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{section}.{key.name}", value)
+            else:
+                keys.append((section, key.name, value))
+
+    for section in dataclasses.fields(config.Config):
+        walk(section.name, section.default_factory())  # type: ignore[misc]
     return keys
 
 
@@ -98,10 +108,13 @@ def _example_sections() -> dict[str, dict[str, str]]:
     found: dict[str, dict[str, str]] = {}
     section = ""
     for line in (ROOT / "config" / "adapter.example.toml").read_text(encoding="utf-8").splitlines():
-        header = re.match(r"^\s*\[(?P<name>[\w.]+)\]", line)
-        if header:
+        header = re.match(r"^\s*#?\s*(?P<brackets>\[\[?)(?P<name>[\w.]+)\]", line)
+        if header and (header["brackets"] == "[[" or not line.lstrip().startswith("#")):
             section = header["name"]
             found.setdefault(section, {})
+            parent, _, table = section.rpartition(".")
+            if parent:  # [serve.x] or [[serve.x]] shows the key x of [serve]
+                found.setdefault(parent, {}).setdefault(table, line)
             continue
         # A key may be shown commented out, or as an alternative in a comment ("# or password_file = …").
         for key in re.findall(r"(?:^|[#\s])(\w+)\s*=", line) if section else ():
@@ -188,10 +201,24 @@ def test_the_project_does_not_point_outside_itself():
 
 
 # -- examples produced by the code -------------------------------------------------------------------
+#
+# Each scenario is served to `anc-adapter run` (the real command, end to end) by a mocked FHIR server;
+# the examples are the search pages it read and the transactions it posted. A scenario with several
+# pages runs once per page on the same state, as successive cron runs would.
 
-MAPPINGS = mappings_module.load()
-DEFAULTS = config.Config()
-SYSTEM_BASE = DEFAULTS.output.system_base
+BASE = "https://fhir.hospital.example/r4"
+CAPABILITY = {
+    "resourceType": "CapabilityStatement", "fhirVersion": "4.0.1",
+    "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
+        {"type": kind, "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]}
+        for kind in ("Flag", "RiskAssessment")
+    ]}],
+}
+CONFIG = """
+[output]
+resources = ["Flag", "RiskAssessment"]
+provenance = true
+"""
 
 
 def _patient(patient_id: str, birth_date: str | None) -> dict[str, Any]:
@@ -226,111 +253,126 @@ def _anc(observation_id: str, patient_id: str, value: float, unit: str, effectiv
     return resource
 
 
-def _graded(observation: dict[str, Any], patient: dict[str, Any], profile: str) -> tuple[Reading, Classification]:
-    """What the pipeline does with one Observation: extract, normalise, age band, grade."""
-    extracted = extract.observation(observation, MAPPINGS, DEFAULTS.poll.statuses)
-    assert extracted is not None and isinstance(extracted.outcome, Reading), extracted
-    reading = extracted.outcome
-    who: Patient | None = extract.patient(patient)
-    band = classify.patient_age_band(who, reading.effective.date(), DEFAULTS.classify.pediatric,
-                                     MAPPINGS.thresholds)
-    lln = reading.lln_per_ul if reading.lln_per_ul is not None else DEFAULTS.classify.default_lln
-    result = classify.classify(reading.count, band, profile, MAPPINGS.thresholds, lln)
-    assert isinstance(result, Classification), result
-    return reading, result
-
-
-def _output(profile: str = "clinical") -> writeback.Output:
-    return writeback.Output(system_base=SYSTEM_BASE, profile=profile, resources=("Flag", "RiskAssessment"),
-                            provenance=True)
-
-
-def _input(*resources: dict[str, Any]) -> dict[str, Any]:
-    """The scenario's input as a searchset page would bring it (Observations with their Patient)."""
+def _page(*resources: dict[str, Any]) -> dict[str, Any]:
+    """A search page as the server returns it: the Observations, and their Patients _included."""
     return {"resourceType": "Bundle", "type": "searchset",
             "entry": [{"resource": r, "search": {"mode": "include" if r["resourceType"] == "Patient" else "match"}}
                       for r in resources]}
 
 
-def _one(planned: list[writeback.Planned], resource_type: str) -> dict[str, Any]:
-    found = [p.resource for p in planned if p.resource_type == resource_type and p.send]
+def _run(pages: list[dict[str, Any]], config_text: str = CONFIG) -> list[dict[str, Any]]:
+    """`anc-adapter run` once per page on one state file; the transaction Bundles it posted, per run."""
+    import responses
+
+    from adapter.cli import main
+
+    posted: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="anc-docs-") as workdir:
+        config_path = Path(workdir, "adapter.toml")
+        config_path.write_text(config_text, encoding="utf-8")
+        ids: dict[str, str] = {}
+
+        def accept(request: Any) -> tuple[int, dict[str, str], str]:
+            bundle = json.loads(request.body)
+            posted.append(bundle)
+            answers = []
+            for entry in bundle["entry"]:
+                url = entry["request"]["url"]
+                kind = entry["resource"]["resourceType"]
+                # A PUT by id keeps its id; a conditional PUT gets one id per identifier, kept across runs.
+                count = sum(1 for known in ids.values() if known.startswith(f"{kind.lower()}-"))
+                assigned = f"{kind.lower()}-{count + 1}" if "?" in url else url.split("/", 1)[1]
+                server_id = ids.setdefault(url, assigned)
+                answers.append({"response": {"status": "201 Created", "location": f"{kind}/{server_id}/_history/1"}})
+            return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": answers})
+
+        for search_page in pages:
+            with responses.RequestsMock(assert_all_requests_are_fired=False) as server:
+                server.get(f"{BASE}/metadata", json=CAPABILITY)
+                server.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"),  # no Flags of ours on the server yet
+                           json={"resourceType": "Bundle", "type": "searchset", "entry": []})
+                server.get(f"{BASE}/Observation", json=search_page)
+                server.add_callback(responses.POST, BASE, callback=accept)
+                code = main(["run", "--config", str(config_path), "--fhir-url", BASE,
+                             "--state", str(Path(workdir, "state.sqlite3")), "--log-format", "json",
+                             "--log-level", "WARNING"])
+                assert code == 0, f"anc-adapter run exited {code}"
+    return posted
+
+
+def _resources(bundle: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+def _one(bundle: dict[str, Any], resource_type: str) -> dict[str, Any]:
+    found = _resources(bundle, resource_type)
     assert len(found) == 1, (resource_type, found)
     return found[0]
 
 
 def _fixed_clock(bundle: dict[str, Any]) -> dict[str, Any]:
-    for entry in bundle["entry"]:
-        if entry["resource"]["resourceType"] == "Provenance":
-            recorded = entry["resource"]["recorded"]
-            assert datetime.fromisoformat(recorded.replace("Z", "+00:00")).tzinfo is not None
-            entry["resource"]["recorded"] = RECORDED
+    """The Provenance's `recorded` is the wall-clock time of the write: fixed in the examples."""
+    for provenance in _resources(bundle, "Provenance"):
+        assert datetime.fromisoformat(provenance["recorded"].replace("Z", "+00:00")).tzinfo is not None
+        provenance["recorded"] = RECORDED
     return bundle
 
 
+@functools.lru_cache(maxsize=1)
 def examples() -> dict[str, Any]:
-    """docs/examples/<name>.json -> content, from the real extract, classify and writeback functions."""
+    """docs/examples/<name>.json -> content: what `anc-adapter run` read and wrote in each scenario."""
     out: dict[str, Any] = {}
 
     # 1. An adult with a severe count (SI units): an active Flag, a RiskAssessment, and the transaction
     #    that carries them with a Provenance each.
     adult = _patient("example-adult", "1961-04-12")
-    severe = _anc("example-anc-1", "example-adult", 0.32, "10*9/L", "2026-11-20T08:15:00Z")
-    output = _output()
-    planned = writeback.plan_patient("example-adult", [_graded(severe, adult, "clinical")], {}, output)
-    bundle = _fixed_clock(writeback.transaction(planned, output))
-    out["input-severe"] = _input(severe, adult)
-    out["flag-severe-active"] = _one(planned, "Flag")
-    out["riskassessment-severe"] = _one(planned, "RiskAssessment")
-    out["provenance-flag"] = next(e["resource"] for e in bundle["entry"]
-                                  if e["resource"]["resourceType"] == "Provenance")
-    out["transaction-severe"] = bundle
+    out["input-severe"] = _page(_anc("example-anc-1", "example-adult", 0.32, "10*9/L", "2026-11-20T08:15:00Z"),
+                                adult)
+    [bundle] = _run([out["input-severe"]])
+    out["transaction-severe"] = _fixed_clock(bundle)
+    out["flag-severe-active"] = _one(bundle, "Flag")
+    out["riskassessment-severe"] = _one(bundle, "RiskAssessment")
+    out["provenance-flag"] = _resources(bundle, "Provenance")[0]
+    assert out["provenance-flag"]["target"][0]["reference"] == bundle["entry"][0]["fullUrl"]
 
     # 2. A child (adult thresholds from 1 year): moderate, then mild (a lab alias unit), then normal. The
     #    Flag shows the latest abnormal grade and is inactive, its period ending at the normal count.
     child = _patient("example-child", "2019-06-01")
-    counts = [
+    out["input-episode-closed"] = _page(
         _anc("example-anc-2", "example-child", 800, "/uL", "2026-11-02T07:30:00Z"),
         _anc("example-anc-3", "example-child", 1.2, "K/uL", "2026-11-05T07:40:00Z", ucum=False),
         _anc("example-anc-4", "example-child", 2.1, "10*3/uL", "2026-11-09T08:05:00Z"),
-    ]
-    planned = writeback.plan_patient("example-child", [_graded(o, child, "clinical") for o in counts], {},
-                                     _output())
-    out["input-episode-closed"] = _input(*counts, child)
-    out["flag-episode-closed"] = _one(planned, "Flag")
+        child)
+    [bundle] = _run([out["input-episode-closed"]])
+    out["flag-episode-closed"] = _one(bundle, "Flag")
 
-    # 3. The count behind a live Flag is entered-in-error: the Flag and the RiskAssessment are withdrawn.
+    # 3. The count behind a live Flag is set to entered-in-error (a second run reads the new version):
+    #    the Flag and the RiskAssessment are withdrawn.
     patient = _patient("example-withdrawn", "1975-09-30")
     first = _anc("example-anc-5", "example-withdrawn", 450, "/uL", "2026-11-18T09:00:00Z")
-    output = _output()
-    before = writeback.plan_patient("example-withdrawn", [_graded(first, patient, "clinical")], {}, output)
-    previously: dict[str, list[Any]] = {}
-    for p in before:
-        previously.setdefault(p.resource_type, []).append(p.written(None))
-    withdrawn = {**first, "status": "entered-in-error", "meta": {"versionId": "2",
-                                                                  "lastUpdated": "2026-11-18T11:42:00.000Z"}}
-    assert extract.observation(withdrawn, MAPPINGS, DEFAULTS.poll.statuses).outcome is None
-    planned = writeback.plan_patient("example-withdrawn", [], previously, output)
-    out["input-withdrawn"] = _input(withdrawn, patient)
-    out["flag-withdrawn"] = _one(planned, "Flag")
-    out["riskassessment-withdrawn"] = _one(planned, "RiskAssessment")
+    withdrawn = {**first, "status": "entered-in-error",
+                 "meta": {"versionId": "2", "lastUpdated": "2026-11-18T11:42:00.000Z"}}
+    out["input-withdrawn"] = _page(withdrawn, patient)
+    _, bundle = _run([_page(first, patient), out["input-withdrawn"]])
+    out["flag-withdrawn"] = _one(bundle, "Flag")
+    out["riskassessment-withdrawn"] = _one(bundle, "RiskAssessment")
 
     # 4. CTCAE v5 profile: 1700 cells/µL under a reference range whose low end is 1800: grade 1.
     trial = _patient("example-ctcae", "1983-02-14")
-    ctcae = _anc("example-anc-6", "example-ctcae", 1.7, "10*3/uL", "2026-11-21T08:00:00Z",
-                 low={"value": 1.8, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"})
-    output = _output("ctcae-v5")
-    planned = writeback.plan_patient("example-ctcae", [_graded(ctcae, trial, "ctcae-v5")], {}, output)
-    out["input-ctcae"] = _input(ctcae, trial)
-    out["flag-ctcae-grade-1"] = _one(planned, "Flag")
-    out["riskassessment-ctcae-grade-1"] = _one(planned, "RiskAssessment")
+    out["input-ctcae"] = _page(
+        _anc("example-anc-6", "example-ctcae", 1.7, "10*3/uL", "2026-11-21T08:00:00Z",
+             low={"value": 1.8, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"}),
+        trial)
+    [bundle] = _run([out["input-ctcae"]], CONFIG + '\n[classify]\nprofile = "ctcae-v5"\n')
+    out["flag-ctcae-grade-1"] = _one(bundle, "Flag")
+    out["riskassessment-ctcae-grade-1"] = _one(bundle, "RiskAssessment")
 
     # 5. A comparator and no birthDate: "<1000" is at least moderate; adult thresholds, said in the text.
-    unknown = _patient("example-no-birthdate", None)
-    below = _anc("example-anc-7", "example-no-birthdate", 1000, "/uL", "2026-11-22T06:50:00Z", comparator="<")
-    planned = writeback.plan_patient("example-no-birthdate", [_graded(below, unknown, "clinical")], {},
-                                     _output())
-    out["input-at-least"] = _input(below, unknown)
-    out["flag-at-least-age-unknown"] = _one(planned, "Flag")
+    out["input-at-least"] = _page(
+        _anc("example-anc-7", "example-no-birthdate", 1000, "/uL", "2026-11-22T06:50:00Z", comparator="<"),
+        _patient("example-no-birthdate", None))
+    [bundle] = _run([out["input-at-least"]])
+    out["flag-at-least-age-unknown"] = _one(bundle, "Flag")
     return out
 
 
@@ -351,7 +393,7 @@ def test_examples_are_what_the_code_writes():
     stale = sorted(set(on_disk) - set(generated))
     different = sorted(name for name, text in generated.items() if on_disk.get(name) != text)
     assert not different and not stale, (
-        f"docs/examples/ no longer matches what the writeback code produces (changed or missing: {different}; "
+        f"docs/examples/ no longer matches what the adapter writes (changed or missing: {different}; "
         f"no longer produced: {stale}). Regenerate with\n    {REGENERATE}\nthen review the diff and commit it.")
 
 
