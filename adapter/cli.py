@@ -51,16 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.INTERNAL)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command name. The copy given to each
+    subcommand has no defaults of its own (SUPPRESS): otherwise its defaults would overwrite what was
+    given before the command (`anc-adapter --config X run` would silently use no config)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config (else $ANC_ADAPTER_CONFIG, else config/adapter.toml)")
-    common.add_argument("--fhir-url", help="FHIR base URL; overrides [fhir] base_url")
-    common.add_argument("--state", help="state file; overrides [state] path")
-    common.add_argument("--log-format", choices=("json", "text"), help="default: json unless stderr is a TTY")
-    common.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    common.add_argument("--metrics-file", help="write Prometheus text metrics here at the end of a run")
 
-    parser = argparse.ArgumentParser(prog="anc-adapter", description=__doc__, parents=[common])
+    def option(*names: str, **kwargs: Any) -> None:
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
+        common.add_argument(*names, **kwargs)
+
+    option("--config", help="TOML config (else $ANC_ADAPTER_CONFIG, else config/adapter.toml)")
+    option("--fhir-url", help="FHIR base URL; overrides [fhir] base_url")
+    option("--state", help="state file; overrides [state] path")
+    option("--log-format", choices=("json", "text"), help="default: json unless stderr is a TTY")
+    option("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    option("--metrics-file", help="write Prometheus text metrics here at the end of a run")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anc-adapter", description=__doc__, parents=[_common_options(False)])
+    common = _common_options(True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", parents=[common], help="one incremental pass (for cron)")

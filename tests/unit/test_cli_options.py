@@ -1,0 +1,28 @@
+"""Common options work before and after the command name (an option before it used to be silently
+overwritten by the subcommand's own default)."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.cli import _parser
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "site.toml", "--state", "s.db", "--fhir-url", "http://fhir.example", "run", "--dry-run"],
+    ["run", "--dry-run", "--config", "site.toml", "--state", "s.db", "--fhir-url", "http://fhir.example"],
+    ["--config", "site.toml", "run", "--state", "s.db", "--dry-run", "--fhir-url", "http://fhir.example"],
+])
+def test_common_options_are_kept_wherever_they_stand(argv):
+    args = _parser().parse_args(argv)
+    assert (args.config, args.state, args.fhir_url, args.dry_run) == ("site.toml", "s.db", "http://fhir.example", True)
+
+
+def test_defaults_when_no_common_option_is_given():
+    args = _parser().parse_args(["status"])
+    assert (args.config, args.state, args.log_level, args.metrics_file) == (None, None, "INFO", None)
+
+
+def test_the_option_after_the_command_wins():
+    args = _parser().parse_args(["--log-level", "DEBUG", "status", "--log-level", "ERROR"])
+    assert args.log_level == "ERROR"
