@@ -8,6 +8,7 @@ import logging
 import sys
 import uuid
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--metrics-file", help="write Prometheus text metrics here at the end of a run")
 
     parser = argparse.ArgumentParser(prog="anc-adapter", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"anc-adapter {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", parents=[common], help="one incremental pass (for cron)")
@@ -89,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--show", action="store_true", required=True)
     show.set_defaults(handler=_cmd_config)
     return parser
+
+
+def _version() -> str:
+    # The installed distribution's version, so a support ticket names what actually runs.
+    try:
+        return metadata.version("anc-adapter")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _instant(text: str) -> datetime:
