@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,10 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from adapter import extract
 from adapter.errors import ConfigError, LockHeldError
 from adapter.model import (
     AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
@@ -166,13 +171,17 @@ class State:
     @classmethod
     def open(cls, path: Path) -> State:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(path.parent)
+            _create_private(path)
+            _tighten(path)
             connection = sqlite3.connect(path, isolation_level=None, timeout=30)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.path: cannot open {path}: {exc}") from None
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")  # a committed ledger row must survive a power cut
-        return cls(connection)
+        state = cls(connection)
+        _tighten(path)  # -wal and -shm exist now; SQLite gave them the database file's mode
+        return state
 
     def scratch_copy(self) -> State:
         """An in-memory copy for --dry-run: the same run, nothing persisted."""
@@ -298,13 +307,15 @@ class State:
     # -- quarantine ------------------------------------------------------------------------------
     def quarantine(self, observation_id: str, version: str, patient_id: str, why: Quarantine,
                    resource: dict[str, Any], now: str, keep_reading: bool = False) -> None:
-        """Quarantine this version. keep_reading: an earlier version was graded and stays in effect until
+        """Quarantine this version, keeping of the resource only what a retry reads (no names, no free
+        text: see extract.kept_for_retry). keep_reading: an earlier version was graded and stays in effect until
         this one can be graded (a unit spelling must not retract a live alert)."""
         self.db.execute(
             "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (observation_id) DO UPDATE SET"
             " version = excluded.version, reason = excluded.reason, detail = excluded.detail,"
             " patient_id = excluded.patient_id, last_seen = excluded.last_seen, resource = excluded.resource",
-            (observation_id, version, patient_id, why.reason.value, why.detail, now, now, json.dumps(resource)),
+            (observation_id, version, patient_id, why.reason.value, why.detail, now, now,
+             json.dumps(extract.kept_for_retry(resource))),
         )
         if not keep_reading:
             self.record_outcome(observation_id, version, str(resource.get("status", "")), patient_id,
@@ -421,8 +432,9 @@ def locked(path: Path) -> Iterator[None]:
     """One run at a time per state file (CONTRACT §7); a second run fails at once with exit 5."""
     lock_path = path.with_name(path.name + ".lock")
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        private_directory(lock_path.parent)
+        _create_private(lock_path)
+        handle = os.open(lock_path, os.O_RDWR)
     except OSError as exc:
         raise ConfigError(f"state.path: cannot create the lock file {lock_path}: {exc}") from None
     try:
@@ -433,6 +445,62 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)
+
+
+# The state holds patient data (CONTRACT §7): readable by the adapter's own user only.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
+# SQLite creates these beside the database, with the database file's mode (so a 0600 database gets
+# 0600 companions whatever the umask); they hold recent pages, i.e. the same data.
+COMPANIONS = ("-wal", "-shm")
+
+
+def private_directory(directory: Path) -> None:
+    """Create the missing part of `directory`, each new level 0700. A directory that already exists is the
+    site's (it may be shared, e.g. /var/lib): left as it is."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for level in reversed(missing):
+        try:
+            level.mkdir(mode=PRIVATE_DIRECTORY_MODE)
+        except FileExistsError:  # another process made it first
+            continue
+        os.chmod(level, PRIVATE_DIRECTORY_MODE)  # mkdir's mode is masked by the umask
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists: created with its final mode, it is never
+    readable by others, not even for an instant."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(handle, PRIVATE_FILE_MODE)  # the umask may have taken the owner's bits too
+    finally:
+        os.close(handle)
+
+
+def _tighten(path: Path) -> None:
+    """A state file readable or writable by group or others (made before this check existed, or copied
+    with a loose umask) is set back to 0600, with a warning naming the file (never its content)."""
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(os.stat(file).st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & 0o077:
+            continue
+        try:
+            os.chmod(file, PRIVATE_FILE_MODE)
+        except OSError as exc:
+            # Not ours to change (another owner, a filesystem without modes): alerts matter more than
+            # stopping here, so run on, but say so loudly.
+            log.error("a state file is readable by others and could not be tightened",
+                      extra={"event": "state-permissions-loose", "file": str(file), "mode": f"{mode:04o}",
+                             "error": type(exc).__name__})
+            continue
+        log.warning("a state file was readable by others: set to 0600",
+                    extra={"event": "state-permissions-tightened", "file": str(file), "mode": f"{mode:04o}"})
 
 
 def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
