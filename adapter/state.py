@@ -26,7 +26,7 @@ from adapter.model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the quarantine keeps only what a retry reads (extract.kept_for_retry)
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -154,11 +154,35 @@ class State:
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS pass_ids (observation_id TEXT PRIMARY KEY)")
 
     def _migrate(self) -> None:
+        before = self._meta("schema_version")
         for table, column, kind in _ADDED_COLUMNS:
             present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in present:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if before is not None and int(before) < 3:
+            self._strip_quarantined_resources()
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _strip_quarantined_resources(self) -> None:
+        """Before version 3 the quarantine kept whole Observations (names, notes): keep only what a retry
+        reads, and leave no copy of the old text in free pages or in the WAL."""
+        rows = self.db.execute("SELECT observation_id, resource FROM quarantine").fetchall()
+        if not rows:
+            return
+        # The old bytes are zeroed, not just unlinked (many SQLite builds default to this; not all).
+        secure_delete = self.db.execute("PRAGMA secure_delete").fetchone()[0]
+        self.db.execute("PRAGMA secure_delete = ON")
+        with self.transaction():
+            for row in rows:
+                kept = extract.kept_for_retry(json.loads(row["resource"]))
+                self.db.execute("UPDATE quarantine SET resource = ? WHERE observation_id = ?",
+                                (json.dumps(kept), row["observation_id"]))
+        self.db.execute(f"PRAGMA secure_delete = {int(secure_delete)}")
+        # Older frames in the WAL still hold the old pages: copy the new ones back and empty the WAL.
+        busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:  # another connection is reading; the WAL is emptied when the last one closes
+            log.warning("old quarantine text stays in the WAL until the last connection closes",
+                        extra={"event": "state-wipe-deferred"})
 
     def start_pass(self) -> None:
         self.db.execute("DELETE FROM pass_ids")

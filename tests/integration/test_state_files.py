@@ -107,3 +107,23 @@ def test_loose_state_files_are_tightened_with_a_warning(fhir_server, tmp_path, c
     assert sorted((Path(e["file"]).name, e["mode"]) for e in tightened) == [
         ("state.sqlite3", "0644"), ("state.sqlite3-shm", "0644"), ("state.sqlite3-wal", "0644")]
     assert all(e["level"] == "warning" for e in tightened)
+
+
+def test_a_version_2_state_keeps_only_the_retry_fields_and_no_old_bytes(tmp_path):
+    from adapter import extract
+    from adapter.state import State
+
+    path = tmp_path / "state.sqlite3"
+    named = {**quarantined_with_names(), "note": [{"text": f"{NAME} " * 500}]}  # spills to overflow pages
+    old = State.open(path)
+    with old.transaction():  # as version 2 stored it: the whole resource
+        old.db.execute("INSERT INTO quarantine VALUES ('o-named', '1', 'p', 'unknown-unit', 'x', 't', 't', ?)",
+                       (json.dumps(named),))
+        old.db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    assert NAME.encode() in b"".join(f.read_bytes() for f in state_files(path) if f.exists())
+
+    upgraded = State.open(path)
+    assert upgraded.quarantined_resources() == [extract.kept_for_retry(named)]
+    assert NAME.encode() not in b"".join(f.read_bytes() for f in state_files(path) if f.exists())
+    old.db.close()
+    upgraded.db.close()
