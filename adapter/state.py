@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter import extract
-from adapter.errors import ConfigError, LockHeldError
+from adapter.errors import AdapterError, ConfigError, LockHeldError
 from adapter.model import (
     AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
 )
@@ -469,6 +469,77 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)
+
+
+def backup(location: str, destination: Path, replace: bool = False) -> int:
+    """`anc-adapter state backup`: a consistent copy of the state, taken while runs go on; its size in
+    bytes. Only SQLite today; a PostgreSQL state has its own tool."""
+    if location.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("state backup: a PostgreSQL state is backed up with pg_dump "
+                          "(e.g. pg_dump --format=custom --file BACKUP DBNAME), not by the adapter")
+    return _backup_sqlite(Path(location), destination, replace)
+
+
+def _backup_sqlite(source: Path, destination: Path, replace: bool) -> int:
+    """SQLite's online backup, through a read-only connection of its own: a run in progress keeps its
+    lock and its write transaction; the copy is the last committed state, whole (one backup step is one
+    read snapshot). The copy is written beside the destination and then put in place, so a half-written
+    copy never bears the name, and an existing file is never clobbered unless `replace`."""
+    if not source.is_file():
+        raise ConfigError(f"state.path: {source} does not exist (no run has used it): nothing to back up")
+    live = {source.resolve(), *(source.resolve().with_name(source.name + s) for s in (*COMPANIONS, ".lock"))}
+    if destination.resolve() in live:
+        raise ConfigError(f"state backup: {destination} is the live state itself; give another path")
+    if destination.exists() and not replace:
+        raise ConfigError(f"state backup: {destination} already exists; give a new path, or --force to replace it")
+    private_directory(destination.parent)
+    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    try:
+        _create_private(partial)
+        reader = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        copy = sqlite3.connect(partial)
+        try:
+            reader.backup(copy)
+            # One self-contained file (no -wal beside it); State.open switches a restored copy back to WAL.
+            copy.execute("PRAGMA journal_mode=DELETE")
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            copy.close()
+            reader.close()
+        if check != "ok":
+            raise AdapterError(f"state backup: the copy failed SQLite's integrity check ({check}); "
+                               f"the state file {source} may be damaged")
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        _put_in_place(partial, destination, replace)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"state.path: cannot back up {source}: {exc}") from None
+    except FileExistsError:
+        raise ConfigError(f"state backup: {destination} already exists; give a new path, or --force") from None
+    except OSError as exc:
+        raise ConfigError(f"state backup: cannot write {destination}: {exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination.stat().st_size
+
+
+def _put_in_place(partial: Path, destination: Path, replace: bool) -> None:
+    if replace:
+        os.replace(partial, destination)
+    else:
+        try:
+            os.link(partial, destination)  # fails if a file appeared there meanwhile: never clobbers
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: check, then rename
+            if destination.exists():
+                raise FileExistsError(destination) from None
+            os.replace(partial, destination)
+    directory = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name survives a power cut too
+    finally:
+        os.close(directory)
 
 
 # The state holds patient data (CONTRACT §7): readable by the adapter's own user only.
