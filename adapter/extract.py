@@ -200,7 +200,10 @@ def _codings(resource: Mapping[str, Any]) -> list[Coding]:
     codings = code.get("coding") if isinstance(code, dict) else None
     if not isinstance(codings, list):
         return []
-    return [(c.get("system"), c.get("code")) for c in codings if isinstance(c, dict)]
+    # Only text can match a code; anything else (a list, an object) would also be unhashable and stop the
+    # whole run on one malformed Observation, every run.
+    return [(c.get("system"), c.get("code")) for c in codings
+            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)]
 
 
 def _has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:

@@ -81,8 +81,16 @@ def test_after_a_mapping_fix_the_kept_copy_grades_like_the_original():
     assert (again.outcome.count.anc_per_ul, again.outcome.lln_per_ul) == (350, 1500)
 
 
+def test_a_code_that_is_not_text_is_no_match_and_no_crash():
+    resource = anc("o", "p", 0.4)
+    resource["code"]["coding"].insert(0, {"system": LOINC, "code": ["751-8"]})
+    assert extracted(resource).outcome.count.anc_per_ul == 400
+    resource["code"]["coding"] = [{"system": {"x": 1}, "code": "751-8"}]
+    assert extracted(resource).outcome is None
+
+
 # Arbitrary Observations, from well formed to hostile: whatever extraction makes of the original, it makes
-# of the kept copy too. (Values that crash extraction itself, e.g. an unhashable code, are left out.)
+# of the kept copy too.
 _junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
                      lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
                      max_leaves=4)
@@ -104,7 +112,9 @@ _observation = st.fixed_dictionaries(
         "status": st.sampled_from(["final", "amended", "corrected", "preliminary", "cancelled"]),
         "code": st.fixed_dictionaries({"coding": st.lists(
             st.fixed_dictionaries({"system": st.sampled_from([LOINC, LOINC, "x"]), "code": _code},
-                                  optional={"display": st.just(NAME)}), min_size=1, max_size=2)},
+                                  optional={"display": st.just(NAME)})
+            | st.fixed_dictionaries({"system": st.just(LOINC) | _junk, "code": _code | _junk}),
+            min_size=1, max_size=3)},
             optional={"text": st.just(NAME)}),
         "subject": st.fixed_dictionaries({}, optional={
             "reference": st.sampled_from(["Patient/p1", "http://h/fhir/Patient/p2/_history/3", "Group/g", NAME])
