@@ -200,7 +200,10 @@ def _codings(resource: Mapping[str, Any]) -> list[Coding]:
     codings = code.get("coding") if isinstance(code, dict) else None
     if not isinstance(codings, list):
         return []
-    return [(c.get("system"), c.get("code")) for c in codings if isinstance(c, dict)]
+    # Only text can match a code; anything else (a list, an object) would also be unhashable and stop the
+    # whole run on one malformed Observation, every run.
+    return [(c.get("system"), c.get("code")) for c in codings
+            if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)]
 
 
 def _has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:
@@ -243,3 +246,79 @@ def _modifier_urls(element: Any) -> list[str]:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None
+
+
+# -- what state keeps of a quarantined Observation ---------------------------------------------------------
+# An allowlist of exactly what `observation()` reads, so that retrying the kept copy after a mapping fix
+# gives the outcome the full resource would, while names and free text (subject.display, performer,
+# note, text, contained, identifiers, any display) never reach the state file. A denylist would keep
+# whatever a server adds next (an extension carrying a name, a new free-text element); a field that
+# extraction starts reading must be added here too (tests/unit/test_extract_retry_copy.py compares the
+# outcomes). Unit and comparator strings are kept as sent: a unit is exactly what a mapping fix matches.
+_EFFECTIVE_FIELDS = ("effectiveDateTime", "effectiveInstant", "issued")
+
+
+def kept_for_retry(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an Observation that state keeps while it is quarantined."""
+    kept: dict[str, Any] = {key: resource[key] for key in ("resourceType", "id", "status") if key in resource}
+    meta = resource.get("meta")
+    if isinstance(meta, dict):
+        kept["meta"] = {key: meta[key] for key in ("versionId", "lastUpdated") if key in meta}
+    subject = resource.get("subject")
+    if isinstance(subject, dict):
+        # Only a Patient reference is read; anything else there is text of unknown content.
+        kept["subject"] = {"reference": subject["reference"]} if _patient_id(subject) else {}
+    code = resource.get("code")
+    if isinstance(code, dict):
+        kept["code"] = _codes_only(code)
+    for key in _EFFECTIVE_FIELDS:
+        if key in resource:
+            kept[key] = _time_only(resource[key])
+    period = resource.get("effectivePeriod")
+    if isinstance(period, dict):
+        kept["effectivePeriod"] = {"start": _time_only(period["start"])} if "start" in period else {}
+    if "valueQuantity" in resource:
+        quantity = resource["valueQuantity"]
+        kept["valueQuantity"] = None if quantity is None else _quantity_only(quantity)
+    if "dataAbsentReason" in resource:  # only its presence is read
+        reason = resource["dataAbsentReason"]
+        kept["dataAbsentReason"] = _codes_only(reason) if isinstance(reason, dict) else {}
+    ranges = resource.get("referenceRange")
+    if isinstance(ranges, list) and ranges and isinstance(ranges[0], dict) and isinstance(ranges[0].get("low"), dict):
+        kept["referenceRange"] = [{"low": _quantity_only(ranges[0]["low"])}]  # only the first range's low is read
+    if "modifierExtension" in resource:
+        kept["modifierExtension"] = _modifier_urls_only(resource["modifierExtension"])
+    return kept
+
+
+def _codes_only(concept: Mapping[str, Any]) -> dict[str, Any]:
+    codings = concept.get("coding")
+    if not isinstance(codings, list):
+        return {}
+    return {"coding": [{key: c[key] for key in ("system", "code") if key in c}
+                       for c in codings if isinstance(c, dict)]}
+
+
+def _time_only(value: Any) -> Any:
+    # An unparseable time is quarantined whatever it said: its text need not be kept.
+    return value if value is None or parse_datetime(value) is not None else "unparseable"
+
+
+def _quantity_only(quantity: Any) -> Any:
+    if not isinstance(quantity, dict):
+        return ""  # still not a Quantity
+    kept = {key: quantity[key] for key in ("comparator", "unit", "system", "code") if key in quantity}
+    if "value" in quantity:
+        value = quantity["value"]
+        kept["value"] = value if value is None or isinstance(value, (int, float)) else "not a number"
+    if "modifierExtension" in quantity:
+        kept["modifierExtension"] = _modifier_urls_only(quantity["modifierExtension"])
+    return kept
+
+
+def _modifier_urls_only(extensions: Any) -> Any:
+    if not extensions:
+        return []
+    if not isinstance(extensions, list):
+        return "?"
+    return [({"url": e["url"]} if "url" in e else {}) if isinstance(e, dict) else None for e in extensions]

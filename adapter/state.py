@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,12 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adapter.errors import ConfigError, LockHeldError
+from adapter import extract
+from adapter.errors import AdapterError, ConfigError, LockHeldError
 from adapter.model import (
     AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
 )
 
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3  # 3: the quarantine keeps only what a retry reads (extract.kept_for_retry)
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -149,11 +154,35 @@ class State:
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS pass_ids (observation_id TEXT PRIMARY KEY)")
 
     def _migrate(self) -> None:
+        before = self._meta("schema_version")
         for table, column, kind in _ADDED_COLUMNS:
             present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in present:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if before is not None and int(before) < 3:
+            self._strip_quarantined_resources()
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _strip_quarantined_resources(self) -> None:
+        """Before version 3 the quarantine kept whole Observations (names, notes): keep only what a retry
+        reads, and leave no copy of the old text in free pages or in the WAL."""
+        rows = self.db.execute("SELECT observation_id, resource FROM quarantine").fetchall()
+        if not rows:
+            return
+        # The old bytes are zeroed, not just unlinked (many SQLite builds default to this; not all).
+        secure_delete = self.db.execute("PRAGMA secure_delete").fetchone()[0]
+        self.db.execute("PRAGMA secure_delete = ON")
+        with self.transaction():
+            for row in rows:
+                kept = extract.kept_for_retry(json.loads(row["resource"]))
+                self.db.execute("UPDATE quarantine SET resource = ? WHERE observation_id = ?",
+                                (json.dumps(kept), row["observation_id"]))
+        self.db.execute(f"PRAGMA secure_delete = {int(secure_delete)}")
+        # Older frames in the WAL still hold the old pages: copy the new ones back and empty the WAL.
+        busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:  # another connection is reading; the WAL is emptied when the last one closes
+            log.warning("old quarantine text stays in the WAL until the last connection closes",
+                        extra={"event": "state-wipe-deferred"})
 
     def start_pass(self) -> None:
         self.db.execute("DELETE FROM pass_ids")
@@ -166,13 +195,17 @@ class State:
     @classmethod
     def open(cls, path: Path) -> State:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(path.parent)
+            _create_private(path)
+            _tighten(path)
             connection = sqlite3.connect(path, isolation_level=None, timeout=30)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.path: cannot open {path}: {exc}") from None
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")  # a committed ledger row must survive a power cut
-        return cls(connection)
+        state = cls(connection)
+        _tighten(path)  # -wal and -shm exist now; SQLite gave them the database file's mode
+        return state
 
     def scratch_copy(self) -> State:
         """An in-memory copy for --dry-run: the same run, nothing persisted."""
@@ -298,13 +331,15 @@ class State:
     # -- quarantine ------------------------------------------------------------------------------
     def quarantine(self, observation_id: str, version: str, patient_id: str, why: Quarantine,
                    resource: dict[str, Any], now: str, keep_reading: bool = False) -> None:
-        """Quarantine this version. keep_reading: an earlier version was graded and stays in effect until
+        """Quarantine this version, keeping of the resource only what a retry reads (no names, no free
+        text: see extract.kept_for_retry). keep_reading: an earlier version was graded and stays in effect until
         this one can be graded (a unit spelling must not retract a live alert)."""
         self.db.execute(
             "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (observation_id) DO UPDATE SET"
             " version = excluded.version, reason = excluded.reason, detail = excluded.detail,"
             " patient_id = excluded.patient_id, last_seen = excluded.last_seen, resource = excluded.resource",
-            (observation_id, version, patient_id, why.reason.value, why.detail, now, now, json.dumps(resource)),
+            (observation_id, version, patient_id, why.reason.value, why.detail, now, now,
+             json.dumps(extract.kept_for_retry(resource))),
         )
         if not keep_reading:
             self.record_outcome(observation_id, version, str(resource.get("status", "")), patient_id,
@@ -421,8 +456,9 @@ def locked(path: Path) -> Iterator[None]:
     """One run at a time per state file (CONTRACT §7); a second run fails at once with exit 5."""
     lock_path = path.with_name(path.name + ".lock")
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        private_directory(lock_path.parent)
+        _create_private(lock_path)
+        handle = os.open(lock_path, os.O_RDWR)
     except OSError as exc:
         raise ConfigError(f"state.path: cannot create the lock file {lock_path}: {exc}") from None
     try:
@@ -433,6 +469,133 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(handle)
+
+
+def backup(location: str, destination: Path, replace: bool = False) -> int:
+    """`anc-adapter state backup`: a consistent copy of the state, taken while runs go on; its size in
+    bytes. Only SQLite today; a PostgreSQL state has its own tool."""
+    if location.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("state backup: a PostgreSQL state is backed up with pg_dump "
+                          "(e.g. pg_dump --format=custom --file BACKUP DBNAME), not by the adapter")
+    return _backup_sqlite(Path(location), destination, replace)
+
+
+def _backup_sqlite(source: Path, destination: Path, replace: bool) -> int:
+    """SQLite's online backup, through a read-only connection of its own: a run in progress keeps its
+    lock and its write transaction; the copy is the last committed state, whole (one backup step is one
+    read snapshot). The copy is written beside the destination and then put in place, so a half-written
+    copy never bears the name, and an existing file is never clobbered unless `replace`."""
+    if not source.is_file():
+        raise ConfigError(f"state.path: {source} does not exist (no run has used it): nothing to back up")
+    live = {source.resolve(), *(source.resolve().with_name(source.name + s) for s in (*COMPANIONS, ".lock"))}
+    if destination.resolve() in live:
+        raise ConfigError(f"state backup: {destination} is the live state itself; give another path")
+    if destination.exists() and not replace:
+        raise ConfigError(f"state backup: {destination} already exists; give a new path, or --force to replace it")
+    private_directory(destination.parent)
+    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    try:
+        _create_private(partial)
+        reader = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        copy = sqlite3.connect(partial)
+        try:
+            reader.backup(copy)
+            # One self-contained file (no -wal beside it); State.open switches a restored copy back to WAL.
+            copy.execute("PRAGMA journal_mode=DELETE")
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            copy.close()
+            reader.close()
+        if check != "ok":
+            raise AdapterError(f"state backup: the copy failed SQLite's integrity check ({check}); "
+                               f"the state file {source} may be damaged")
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        _put_in_place(partial, destination, replace)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"state.path: cannot back up {source}: {exc}") from None
+    except FileExistsError:
+        raise ConfigError(f"state backup: {destination} already exists; give a new path, or --force") from None
+    except OSError as exc:
+        raise ConfigError(f"state backup: cannot write {destination}: {exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination.stat().st_size
+
+
+def _put_in_place(partial: Path, destination: Path, replace: bool) -> None:
+    if replace:
+        os.replace(partial, destination)
+    else:
+        try:
+            os.link(partial, destination)  # fails if a file appeared there meanwhile: never clobbers
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: check, then rename
+            if destination.exists():
+                raise FileExistsError(destination) from None
+            os.replace(partial, destination)
+    directory = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name survives a power cut too
+    finally:
+        os.close(directory)
+
+
+# The state holds patient data (CONTRACT §7): readable by the adapter's own user only.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
+# SQLite creates these beside the database, with the database file's mode (so a 0600 database gets
+# 0600 companions whatever the umask); they hold recent pages, i.e. the same data.
+COMPANIONS = ("-wal", "-shm")
+
+
+def private_directory(directory: Path) -> None:
+    """Create the missing part of `directory`, each new level 0700. A directory that already exists is the
+    site's (it may be shared, e.g. /var/lib): left as it is."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for level in reversed(missing):
+        try:
+            level.mkdir(mode=PRIVATE_DIRECTORY_MODE)
+        except FileExistsError:  # another process made it first
+            continue
+        os.chmod(level, PRIVATE_DIRECTORY_MODE)  # mkdir's mode is masked by the umask
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists: created with its final mode, it is never
+    readable by others, not even for an instant."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(handle, PRIVATE_FILE_MODE)  # the umask may have taken the owner's bits too
+    finally:
+        os.close(handle)
+
+
+def _tighten(path: Path) -> None:
+    """A state file readable or writable by group or others (made before this check existed, or copied
+    with a loose umask) is set back to 0600, with a warning naming the file (never its content)."""
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(os.stat(file).st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & 0o077:
+            continue
+        try:
+            os.chmod(file, PRIVATE_FILE_MODE)
+        except OSError as exc:
+            # Not ours to change (another owner, a filesystem without modes): alerts matter more than
+            # stopping here, so run on, but say so loudly.
+            log.error("a state file is readable by others and could not be tightened",
+                      extra={"event": "state-permissions-loose", "file": str(file), "mode": f"{mode:04o}",
+                             "error": type(exc).__name__})
+            continue
+        log.warning("a state file was readable by others: set to 0600",
+                    extra={"event": "state-permissions-tightened", "file": str(file), "mode": f"{mode:04o}"})
 
 
 def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:

@@ -23,6 +23,7 @@ from adapter.state import Written
 
 SNOMED = "http://snomed.info/sct"
 NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia"}
+INFECTIOUS_DISEASE = {"system": SNOMED, "code": "40733004", "display": "Infectious disease"}
 FLAG_CATEGORY = {
     "system": "http://terminology.hl7.org/CodeSystem/flag-category",
     "code": "clinical",
@@ -322,9 +323,12 @@ def _risk_assessment(patient_id: str, identifier: str, graded: Graded, output: O
         + [{"reference": f"Patient/{patient_id}"}],
         "prediction": [
             {
-                # DOMAIN.md names no verified code for the outcome yet: our own code plus text, no guess.
+                # SNOMED CT 40733004 "Infectious disease (disorder)" is the root concept HL7 Europe's
+                # Hospital Discharge Report IG uses for infections: the nearest standard code for "serious
+                # infection". Our own code stays beside it, since receivers may already match on it.
                 "outcome": {
-                    "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "serious-infection"}],
+                    "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "serious-infection"},
+                               INFECTIOUS_DISEASE],
                     "text": "Serious infection",
                 },
                 "qualitativeRisk": {

@@ -128,3 +128,17 @@ def test_metrics_file_in_prometheus_text_format(fhir_server, tmp_path):
                for s in family.samples if not s.labels}
     assert samples["anc_adapter_last_run_exit_code"] == 3
     assert samples["anc_adapter_last_success_timestamp_seconds"] > 1.7e9  # still the earlier success
+
+
+def test_risk_assessment_outcome_carries_snomed_infectious_disease_beside_our_code(fhir_server, tmp_path):
+    config = tmp_path / "adapter.toml"
+    config.write_text('[output]\nresources = ["Flag", "RiskAssessment"]\n')
+    fhir_server.load(patient("p1"), anc("o1", "p1", 0.3))
+    assert run(fhir_server, tmp_path, "--config", str(config)) == 0
+    [assessment] = fhir_server.risk_assessments("p1")
+    outcome = assessment["prediction"][0]["outcome"]
+    assert outcome["text"] == "Serious infection"
+    codings = {(c["system"], c["code"]): c.get("display") for c in outcome["coding"]}
+    assert codings[("http://snomed.info/sct", "40733004")] == "Infectious disease"
+    assert any(system.endswith("/CodeSystem/outcome") and code == "serious-infection"
+               for system, code in codings)
