@@ -127,10 +127,12 @@ class _Issuer:
 
 
 def _jwks(document: Any) -> list[jwt.PyJWK]:
-    if not isinstance(document, dict):
-        raise ValueError("a JWKS is a JSON object with keys")
-    keys = jwt.PyJWKSet.from_dict(document).keys
-    return [k for k in keys if k._jwk_data.get("use", "sig") == "sig"]
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError("a JWKS is a JSON object with a list of keys")
+    # Keys published for encryption only are not signing keys.
+    signing = [key for key in keys if isinstance(key, dict) and key.get("use", "sig") == "sig"]
+    return jwt.PyJWKSet.from_dict({"keys": signing}).keys
 
 
 class _SeenTokens:

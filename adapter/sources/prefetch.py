@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 
 import requests
 
-from adapter.errors import AuthError, FhirError
+from adapter.errors import AuthError, FhirError, TransientHttpError
 from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.mappings import Mappings
@@ -54,7 +54,8 @@ def fetch(base_url: str, access_token: str | None, keys: list[str], wanted: Mapp
           patient_id: str, timeout_s: float) -> dict[str, Any]:
     """Run the templates of `keys` against `base_url` with the EHR's token; one page each, in parallel
     (the EHR is waiting). A key whose query failed is left out; the caller decides what that means.
-    Raises AuthError when the server refused the token for a required key."""
+    For a required key, a refused token raises AuthError and an unreachable or failing server raises
+    TransientHttpError; a server that answered but has nothing usable (404, 400) leaves the key out."""
     def one(key: str) -> tuple[str, Any]:
         path, _, query = wanted[key].replace(TOKEN, patient_id).partition("?")
         client = _client(base_url, access_token, timeout_s)
@@ -68,7 +69,7 @@ def fetch(base_url: str, access_token: str | None, keys: list[str], wanted: Mapp
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch") as pool:
         results = dict(pool.map(one, keys))
     for key in REQUIRED:
-        if isinstance(results.get(key), AuthError):
+        if isinstance(results.get(key), (AuthError, TransientHttpError)):
             raise results[key]
     return {key: value for key, value in results.items() if isinstance(value, dict)}
 

@@ -10,7 +10,7 @@ import responses
 
 from adapter import mappings
 from adapter.config import TrustedClient
-from adapter.errors import AuthError
+from adapter.errors import AuthError, TransientHttpError
 from adapter.serve import Refusal, Verifier
 from adapter.sources import prefetch
 from cdshooks import Ehr
@@ -65,7 +65,8 @@ def test_fetch_sends_the_ehr_token_and_only_the_missing_keys():
 def test_fetch_does_not_follow_a_redirect_with_the_token():
     responses.get(f"{FHIR}/Patient/p1", status=302, headers={"Location": "https://elsewhere.test/Patient/p1"})
     responses.get("https://elsewhere.test/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
-    assert prefetch.fetch(FHIR, "tok", ["patient"], TEMPLATES, "p1", timeout_s=5) == {}
+    with pytest.raises(TransientHttpError):  # the EHR gets a 502, and nothing went elsewhere
+        prefetch.fetch(FHIR, "tok", ["patient"], TEMPLATES, "p1", timeout_s=5)
     assert [call.request.url for call in responses.calls] == [f"{FHIR}/Patient/p1"]
 
 
@@ -77,6 +78,15 @@ def test_fetch_a_refused_token_on_a_required_key_is_an_auth_error_and_context_fa
     responses.get(f"{FHIR}/Procedure", status=400)
     responses.get(f"{FHIR}/Condition", status=401)
     assert prefetch.fetch(FHIR, "tok", ["procedures", "conditions"], TEMPLATES, "p1", timeout_s=5) == {}
+
+
+@responses.activate
+def test_fetch_a_failing_server_on_a_required_key_is_transient_and_a_missing_patient_is_left_out():
+    responses.get(f"{FHIR}/Patient/p1", status=503)
+    with pytest.raises(TransientHttpError):
+        prefetch.fetch(FHIR, "tok", ["patient"], TEMPLATES, "p1", timeout_s=5)
+    responses.replace(responses.GET, f"{FHIR}/Patient/p1", status=404)
+    assert prefetch.fetch(FHIR, "tok", ["patient"], TEMPLATES, "p1", timeout_s=5) == {}
 
 
 @pytest.mark.parametrize("given,lacking", [

@@ -26,6 +26,7 @@ FHIR_TOKEN = "ehr-issued-access-token-for-the-fhir-server"
 NAME = "Testperson"  # every synthetic patient's family name: must never appear in an answer or a log
 NOW = datetime.now(timezone.utc)
 ATC = "http://www.whocc.no/atc"
+UNREACHABLE = "http://127.0.0.1:9/fhir"  # allowlisted, but nothing listens there (discard port)
 
 
 def ago(**delta: float) -> str:
@@ -82,7 +83,8 @@ jwks_file = "{ehr.jwks_file}"
 @pytest.fixture(scope="module")
 def service(fhir_front, ehr, tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
-    with serve_process(_config(directory, ehr, [fhir_front.base_url + "/"]), directory) as served:
+    servers = [fhir_front.base_url + "/", UNREACHABLE]
+    with serve_process(_config(directory, ehr, servers), directory) as served:
         yield served
 
 
@@ -297,6 +299,18 @@ def test_a_fhir_server_off_the_allowlist_is_refused_and_never_contacted(service,
         assert "fhir_servers" in response.json()["issue"][0]["diagnostics"]
         assert "sv-severe" not in response.text
         assert listener.connections == 0
+
+
+def test_an_allowlisted_server_that_cannot_be_reached_is_502(service, ehr):
+    response = call(service, ehr, "anc-patient-view", hook_request("patient-view", "sv-severe", UNREACHABLE, "t"))
+    assert response.status_code == 502, response.text
+    assert response.json()["resourceType"] == "OperationOutcome" and "sv-severe" not in response.text
+
+
+def test_a_patient_the_fhir_server_does_not_have_is_412(service, ehr, fhir_front):
+    response = call(service, ehr, "anc-patient-view",
+                    hook_request("patient-view", "sv-absent", fhir_front.base_url, FHIR_TOKEN))
+    assert response.status_code == 412 and "patient" in response.json()["issue"][0]["diagnostics"]
 
 
 def test_a_token_the_fhir_server_refuses_is_412(service, ehr, fhir_front):
