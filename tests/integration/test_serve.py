@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -346,6 +348,29 @@ def test_malformed_requests_are_400_without_a_stack_trace(service, ehr, case, bo
     assert outcome["resourceType"] == "OperationOutcome"
     assert message in outcome["issue"][0]["diagnostics"]
     assert "Traceback" not in response.text and 'File "' not in response.text
+
+
+def test_an_oversized_chunked_body_is_400(service, ehr):
+    url = service.url("anc-patient-view")
+
+    def chunks():
+        yield b'{"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "p"}, "pad": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = requests.post(url, data=chunks(), timeout=60, headers={"Authorization": f"Bearer {ehr.token(aud=url)}"})
+    assert response.status_code == 400 and "max_body_bytes" in response.text
+
+
+def test_a_port_already_in_use_is_a_configuration_error(ehr, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        finished = subprocess.run(
+            [sys.executable, "-m", "adapter", "serve", "--config", str(_config(tmp_path, ehr, [])),
+             "--port", str(port), "--log-format", "json"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert "serve.port" in finished.stderr
 
 
 def test_order_sign_without_draft_orders_is_400(service, ehr):
