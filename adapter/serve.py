@@ -297,7 +297,8 @@ def parse_call(body: bytes, service: Service) -> Call:
     if not isinstance(context, dict):
         raise _bad("context: required, an object")
     patient_id = context.get("patientId")
-    if not isinstance(patient_id, str) or not _ID.match(patient_id):
+    # Dots alone are a valid FHIR id by the regex, but `Patient/..` would be a path, not a patient.
+    if not isinstance(patient_id, str) or not _ID.match(patient_id) or not patient_id.strip("."):
         raise _bad("context.patientId: required, a FHIR id")
     draft_orders = None
     if service.hook == "order-sign":

@@ -147,6 +147,8 @@ def test_the_configured_base_is_what_gets_fetched():
                  "fhirAuthorization": {"access_token": "t", "token_type": "MAC"}}).encode(), "token_type"),
     (json.dumps({"hook": "patient-view", "hookInstance": "h", "context": {"patientId": "p"},
                  "prefetch": []}).encode(), "prefetch"),
+    (json.dumps({"hook": "patient-view", "hookInstance": "h", "context": {"patientId": ".."}}).encode(),
+     "context.patientId"),
 ])
 def test_parse_call_names_the_field(body, field):
     with pytest.raises(Refusal) as caught:
