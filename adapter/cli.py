@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", parents=[common], help="one run against a local server with samples")
     demo.set_defaults(handler=_cmd_demo)
 
+    serve = commands.add_parser("serve", parents=[common], help="the CDS Hooks service (long-running)")
+    serve.add_argument("--host", help="listen address; overrides [serve] host")
+    serve.add_argument("--port", type=int, help="listen port; overrides [serve] port")
+    serve.set_defaults(handler=_cmd_serve)
+
     show = commands.add_parser("config", parents=[common], help="print the effective config")
     show.add_argument("--show", action="store_true", required=True)
     show.set_defaults(handler=_cmd_config)
@@ -361,6 +366,15 @@ def _cmd_demo(args: argparse.Namespace, run_id: str) -> int:
         return run_once(config, state_path, f"{run_id}-{uuid.uuid4().hex[:4]}", collect_rows=True)
 
     return demo.main(sys.stdout, run_demo, base.output.system_base.rstrip("/") + "/tag")
+
+
+def _cmd_serve(args: argparse.Namespace, run_id: str) -> int:
+    from adapter import serve
+
+    config = _config(args)
+    overrides = {"host": args.host, "port": args.port}
+    config = config.with_overrides(serve={k: v for k, v in overrides.items() if v is not None})
+    return serve.serve(config, mappings_module.load(config.mappings.path))
 
 
 def _cmd_config(args: argparse.Namespace, run_id: str) -> int:

@@ -97,6 +97,35 @@ class MappingsConfig:
 
 
 @dataclass(frozen=True)
+class TrustedClient:
+    """A CDS client (an EHR) allowed to call `serve`, and where its JWT signing keys are."""
+
+    iss: str = ""
+    jwks_url: str = ""  # fetched with a timeout and cached; never a URL taken from a token
+    jwks_file: str = ""  # read once at start
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8090
+    public_url: str = ""  # the base the EHR calls (the JWT `aud`); "" = http://<host>:<port>
+    fhir_servers: tuple[str, ...] = ()  # the only fhirServer base URLs ever fetched from; empty = none
+    order_sign_recent: str = "P7D"  # order-sign warns when no ANC is this recent
+    max_body_bytes: int = 1_048_576  # a hook call with its prefetch; larger is refused (400)
+    fetch_timeout_s: float = 10.0  # per FHIR read when prefetch is missing (the EHR waits for the card)
+    trusted_clients: tuple[TrustedClient, ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def order_sign_window(self) -> timedelta:
+        return parse_duration(self.order_sign_recent, "serve.order_sign_recent")
+
+
+@dataclass(frozen=True)
 class Config:
     fhir: FhirConfig = field(default_factory=FhirConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -105,6 +134,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     state: StateConfig = field(default_factory=StateConfig)
     mappings: MappingsConfig = field(default_factory=MappingsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Config:
         changed = {
@@ -172,9 +202,20 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key)
+        elif _table_list(hint):
+            # An array of tables ([[serve.trusted_clients]]): each table is checked like a section.
+            if not isinstance(value, list):
+                raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")
+            values[name] = tuple(_build(_table_list(hint), item, f"{key}[{i}]") for i, item in enumerate(value))
         else:
             values[name] = _coerce(hint, value, key)
     return cls(**values)
+
+
+def _table_list(hint: Any) -> type | None:
+    """The dataclass of a tuple[SomeDataclass, ...] field, else None."""
+    args = get_args(hint) if get_origin(hint) is tuple else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -231,4 +272,36 @@ def _validated(config: Config) -> Config:
         raise bad("poll.statuses", "must not be empty")
     config.poll.lookback  # noqa: B018 - parses, raising ConfigError naming the key
     config.poll.overlap_delta  # noqa: B018
+    _validated_serve(config.serve)
     return config
+
+
+def _validated_serve(serve: ServeConfig) -> None:
+    if not 0 <= serve.port <= 65535:
+        raise ConfigError("serve.port: must be between 0 and 65535")
+    if serve.public_url and not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", serve.public_url):
+        raise ConfigError(f"serve.public_url: must be an absolute http(s) URL, got {serve.public_url!r}")
+    for i, url in enumerate(serve.fhir_servers):
+        if not re.match(r"^https?://[^/?#@]+(/[^?#]*)?$", url):
+            raise ConfigError(f"serve.fhir_servers[{i}]: must be an http(s) base URL without user, query "
+                              f"or fragment, got {url!r}")
+    if serve.max_body_bytes < 1024:
+        raise ConfigError("serve.max_body_bytes: must be >= 1024")
+    if serve.fetch_timeout_s <= 0:
+        raise ConfigError("serve.fetch_timeout_s: must be > 0")
+    if serve.order_sign_window <= timedelta(0):
+        raise ConfigError("serve.order_sign_recent: must be longer than zero")
+    issuers = [client.iss for client in serve.trusted_clients]
+    for i, client in enumerate(serve.trusted_clients):
+        key = f"serve.trusted_clients[{i}]"
+        if not client.iss:
+            raise ConfigError(f"{key}.iss: missing; the issuer (iss) the EHR puts in its JWTs")
+        if issuers.count(client.iss) > 1:
+            raise ConfigError(f"{key}.iss: {client.iss!r} is listed twice")
+        if bool(client.jwks_url) == bool(client.jwks_file):
+            raise ConfigError(f"{key}: give exactly one of jwks_url and jwks_file")
+        # A JWKS over plain http could be swapped in transit, and with it every key we trust; only a
+        # loopback address (a sidecar, a test) may use http.
+        if client.jwks_url and not re.match(r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/])",
+                                            client.jwks_url):
+            raise ConfigError(f"{key}.jwks_url: must be an https URL (http only on loopback)")
