@@ -5,6 +5,7 @@ writes it records, so a crash at any point leaves state describing only what the
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import os
@@ -22,6 +23,16 @@ from adapter.model import (
 )
 
 SCHEMA_VERSION = 2
+DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
+# The Observations behind what still stands on the server, less those already known deleted (a patient
+# whose withdrawal the server refused is retried as a write failure, not found deleted again).
+_LIVE_EVIDENCE = (
+    "SELECT w.resource_type, w.patient_id, j.value AS observation_id FROM written w, json_each(w.evidence) j"
+    " LEFT JOIN observations o ON o.observation_id = j.value"
+    " WHERE ((w.resource_type = 'Flag' AND w.status = 'active')"
+    "  OR (w.resource_type = 'RiskAssessment' AND w.status NOT IN ('entered-in-error', 'cancelled')))"
+    " AND NOT (o.outcome IS 'withdrawn' AND o.status IS 'deleted')"
+)
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -36,6 +47,7 @@ CREATE TABLE IF NOT EXISTS observations (
     status TEXT NOT NULL,
     patient_id TEXT NOT NULL,
     outcome TEXT NOT NULL,              -- classified | quarantined | withdrawn | ignored | derive-input
+                                        -- (withdrawn with status 'deleted': gone from the server)
     effective TEXT,
     anc_per_ul REAL,
     comparator TEXT,
@@ -118,6 +130,22 @@ class Ledgered:
     effective: datetime | None
     last_updated: str
     derived: bool
+    status: str = ""
+
+    @property
+    def deleted(self) -> bool:
+        return self.outcome == "withdrawn" and self.status == DELETED
+
+    def covers(self, version: str, last_updated: str) -> bool:
+        """Have we already processed this version (or a newer one)? After a deletion, a resource created
+        again under the same id may restart its version ids (a server that purged the old history): then
+        only its lastUpdated tells it from a stale copy of what was deleted."""
+        if self.deleted:
+            mine, theirs = _parsed(self.last_updated), _parsed(last_updated)
+            if mine is None or theirs is None:
+                return self.version == version and self.last_updated == last_updated
+            return theirs <= mine
+        return self.version == version or self.newer_than(version, last_updated)
 
     def newer_than(self, version: str, last_updated: str) -> bool:
         """Is what we recorded newer than this version? (A lagging replica can serve an old one.)"""
@@ -201,14 +229,14 @@ class State:
     def ledger(self, observation_id: str) -> Ledgered | None:
         """What we last recorded for this Observation."""
         row = self.db.execute(
-            "SELECT version, patient_id, outcome, effective, last_updated, sources FROM observations"
+            "SELECT version, patient_id, outcome, effective, last_updated, sources, status FROM observations"
             " WHERE observation_id = ?", (observation_id,)
         ).fetchone()
         if row is None:
             return None
         return Ledgered(row["version"], row["patient_id"], row["outcome"],
                         datetime.fromisoformat(row["effective"]) if row["effective"] else None,
-                        row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")))
+                        row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")), row["status"])
 
     def processed_version(self, observation_id: str) -> str | None:
         ledgered = self.ledger(observation_id)
@@ -223,6 +251,31 @@ class State:
             f"SELECT observation_id FROM observations WHERE observation_id IN ({','.join('?' * len(ids))})", ids
         ).fetchall()
         return {row["observation_id"] for row in rows}
+
+    def live_evidence(self, risk_limit: int) -> tuple[dict[str, set[str]], str | None]:
+        """The Observations behind what stands on the server, each with the patients whose resources cite
+        it: every active Flag's evidence, and at most `risk_limit` ids behind live RiskAssessments. Those
+        pile up with every abnormal count, so they are checked as a sweep: the ids after the last ones
+        checked, wrapping round. Returns the owners and the sweep position to store once the check is done
+        (None when every id fits in one run)."""
+        flags: dict[str, set[str]] = {}
+        risks: dict[str, set[str]] = {}
+        for row in self.db.execute(_LIVE_EVIDENCE):
+            chosen = flags if row["resource_type"] == "Flag" else risks
+            chosen.setdefault(row["observation_id"], set()).add(row["patient_id"])
+        position = None
+        if len(risks) > risk_limit:
+            ordered = sorted(risks)
+            start = bisect.bisect_right(ordered, self._meta("evidence_sweep") or "")
+            kept = (ordered[start:] + ordered[:start])[:risk_limit]
+            risks = {i: risks[i] for i in kept}
+            position = kept[-1] if kept else None
+        for observation_id, patients in risks.items():
+            flags.setdefault(observation_id, set()).update(patients)
+        return flags, position
+
+    def set_evidence_sweep(self, position: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('evidence_sweep', ?)", (position,))
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
