@@ -191,3 +191,23 @@ def test_a_backfill_does_not_check_and_a_dry_run_shows_the_withdrawal_without_wr
         assert len(posted(mock)) == 1  # only the first run's Flag
         assert main(["run", "--fhir-url", BASE, "--state", state]) == 0  # the dry run left state as it was
         assert [r["status"] for r in posted(mock)] == ["active", "entered-in-error"]
+
+
+def test_a_result_created_again_is_graded_even_when_its_version_ids_restart(tmp_path):
+    # A server that purges a deleted resource's history starts the new one at versionId 1 again: the
+    # version we ledgered before the deletion must not make us skip it.
+    state = str(tmp_path / "s.sqlite3")
+    original = anc("o1", "a", 0.4, meta={"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        lab = Lab(mock, [original], [patient("a")])
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        lab.deleted = {"o1"}
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        lab.observations["o1"] = anc("o1", "a", 0.3, meta={"versionId": "1", "lastUpdated": "2026-11-25T09:00:00Z"})
+        lab.deleted = set()
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        assert [(r["status"], r["code"]["coding"][-1]["code"]) for r in posted(mock)] == [
+            ("active", "severe"), ("entered-in-error", "165517008"), ("active", "severe")]
+        lab.observations["o1"] = original  # a stale copy of the deleted version changes nothing
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        assert len(posted(mock)) == 3
