@@ -24,14 +24,16 @@ from adapter.model import (
 
 SCHEMA_VERSION = 2
 DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
-# The Observations behind what still stands on the server, less those already known deleted (a patient
-# whose withdrawal the server refused is retried as a write failure, not found deleted again).
+# What still stands on the server and the readings it cites (a Flag cites a derived count by its own
+# key, whose Observations are its sources), less those already known deleted (a patient whose withdrawal
+# the server refused is retried as a write failure, not found deleted again) and derived counts already
+# withdrawn (no Observation on the server has their key).
 _LIVE_EVIDENCE = (
-    "SELECT w.resource_type, w.patient_id, j.value AS observation_id FROM written w, json_each(w.evidence) j"
-    " LEFT JOIN observations o ON o.observation_id = j.value"
+    "SELECT w.resource_type, w.patient_id, j.value AS observation_id, o.sources"
+    " FROM written w, json_each(w.evidence) j LEFT JOIN observations o ON o.observation_id = j.value"
     " WHERE ((w.resource_type = 'Flag' AND w.status = 'active')"
     "  OR (w.resource_type = 'RiskAssessment' AND w.status NOT IN ('entered-in-error', 'cancelled')))"
-    " AND NOT (o.outcome IS 'withdrawn' AND o.status IS 'deleted')"
+    " AND NOT (o.outcome IS 'withdrawn' AND o.status IN ('deleted', 'superseded'))"
 )
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
@@ -262,7 +264,8 @@ class State:
         risks: dict[str, set[str]] = {}
         for row in self.db.execute(_LIVE_EVIDENCE):
             chosen = flags if row["resource_type"] == "Flag" else risks
-            chosen.setdefault(row["observation_id"], set()).add(row["patient_id"])
+            for observation_id in json.loads(row["sources"] or "[]") or [row["observation_id"]]:
+                chosen.setdefault(observation_id, set()).add(row["patient_id"])
         position = None
         if len(risks) > risk_limit:
             ordered = sorted(risks)

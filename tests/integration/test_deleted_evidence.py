@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.cli import main
 from builders import anc, patient
@@ -47,7 +48,7 @@ def versions(fhir_server) -> dict[str, str]:
             for r in fhir_server.search("Flag") + fhir_server.search("RiskAssessment")}
 
 
-def test_deleted_results_withdraw_their_flag_and_assessment_once(fhir_server, adapter, capsys):
+def test_deleted_results_withdraw_their_flag_and_assessment_once(fhir_server, adapter, tmp_path):
     fhir_server.load(
         patient("single"), anc("o-single", "single", 0.4),
         patient("two"), anc("o-mild", "two", 1.2, effective="2026-11-20T08:00:00Z"),
@@ -61,9 +62,15 @@ def test_deleted_results_withdraw_their_flag_and_assessment_once(fhir_server, ad
 
     delete(fhir_server, "o-single")
     delete(fhir_server, "o-severe")  # the latest of two abnormal counts
-    second = adapter()
+    metrics = tmp_path / "anc_adapter.prom"
+    second = adapter("--metrics-file", str(metrics))
     # One `_id` search for the four ids behind live outputs, one read confirming each of the two deleted.
     assert (second["evidence_checked"], second["evidence_requests"], second["evidence_deleted"]) == (4, 3, 2)
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for family in text_string_to_metric_families(metrics.read_text()) for s in family.samples}
+    assert samples[("anc_adapter_last_run_evidence_checked", ())] == 4
+    assert samples[("anc_adapter_last_run_evidence_requests", ())] == 3
+    assert samples[("anc_adapter_last_run_observations", ("evidence_deleted",))] == 2
 
     [single] = fhir_server.flags("single")
     assert single["status"] == "entered-in-error"  # its only evidence is gone
@@ -84,7 +91,7 @@ def test_deleted_results_withdraw_their_flag_and_assessment_once(fhir_server, ad
     assert (third["evidence_checked"], third["evidence_requests"]) == (2, 1)  # o-mild and o-kept
 
 
-def test_a_deletion_shows_in_a_dry_run_and_a_recreated_result_is_graded_again(fhir_server, adapter, capsys):
+def test_a_deletion_shows_in_a_dry_run_and_a_recreated_result_is_graded_again(fhir_server, adapter):
     fhir_server.load(patient("p"), anc("o1", "p", 0.4))
     adapter()
     delete(fhir_server, "o1")

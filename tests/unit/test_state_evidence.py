@@ -77,3 +77,20 @@ def test_the_ledger_after_a_deletion_grades_a_recreated_observation(status, vers
 def test_a_deleted_observation_never_read_covers_nothing():
     prior = Ledgered("0", "p", "withdrawn", None, "", False, DELETED)  # evidence of an adopted Flag
     assert not prior.covers("1", "2026-11-25T08:00:00Z")
+
+
+def test_a_derived_count_is_checked_by_its_source_observations():
+    from datetime import datetime, timezone
+
+    from adapter.model import AgeBand, Classification, Count, Grade, Reading
+
+    state = fresh()
+    derived = Reading("derived-abc", "w+n", "final", "p", datetime(2026, 11, 20, tzinfo=timezone.utc),
+                      Count(500.0), sources=("n", "w"))
+    state.record_classified(derived, Classification(Grade.MODERATE, age_band=AgeBand.ADULT), NOW)
+    wrote(state, "Flag", "p/derived-abc", "p", "active", "derived-abc")  # a Flag cites the reading's key
+    wrote(state, "RiskAssessment", "p/derived-abc", "p", "final", "n", "w")  # an assessment its sources
+    assert state.live_evidence(risk_limit=100)[0] == {"n": {"p"}, "w": {"p"}}
+    state.record_outcome("derived-abc", "w+n", "superseded", "p", "withdrawn", NOW)  # no longer derivable
+    wrote(state, "RiskAssessment", "p/derived-abc", "p", "entered-in-error", "n", "w")
+    assert state.live_evidence(risk_limit=100)[0] == {}  # never looked up on the server by its key
