@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from adapter import classify, crashpoints, derive, extract, source, writeback
 from adapter.config import Config
-from adapter.errors import PermanentHttpError, SearchTruncated
+from adapter.errors import FhirError, PermanentHttpError, SearchTruncated
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
@@ -240,7 +240,9 @@ class Run:
         before = self.client.request_count
         try:
             gone = source.deleted(self.client, sorted(owners))
-        except (PermanentHttpError, SearchTruncated) as exc:
+        except FhirError as exc:
+            # Even after retries: a server that cannot answer this check must not also stop the poll
+            # that brings new alerts. Nothing is withdrawn on a guess; the next run checks again.
             log.warning("could not check for deleted Observations; nothing withdrawn",
                         extra={"event": "evidence-check-failed", "error": str(exc)})
             return

@@ -116,6 +116,7 @@ class Lab:
     def __init__(self, mock, observations, patients):
         self.deleted: set[str] = set()
         self.hidden_from_search: set[str] = set()
+        self.id_search_status = 200
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
         mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), json=bundle())
         mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/Observation(\?.*)?$"), callback=self.search)
@@ -125,6 +126,8 @@ class Lab:
         self.patients = patients
 
     def search(self, request):
+        if "_id=" in request.url and self.id_search_status != 200:
+            return self.id_search_status, {}, json.dumps({"resourceType": "OperationOutcome", "issue": []})
         if "_id=" in request.url:
             return 200, {}, json.dumps(bundle(*(self.observations[i] for i in asked(request)
                                                 if i not in self.deleted | self.hidden_from_search)))
@@ -211,3 +214,21 @@ def test_a_result_created_again_is_graded_even_when_its_version_ids_restart(tmp_
         lab.observations["o1"] = original  # a stale copy of the deleted version changes nothing
         assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
         assert len(posted(mock)) == 3
+
+
+def test_a_check_the_server_cannot_answer_withdraws_nothing_and_does_not_stop_the_poll(tmp_path):
+    state = str(tmp_path / "s.sqlite3")
+    config = tmp_path / "adapter.toml"
+    config.write_text("[fhir]\nretries = 0\n")
+    args = ["run", "--config", str(config), "--fhir-url", BASE, "--state", state]
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        lab = Lab(mock, [anc("o1", "a", 0.4)], [patient("a")])
+        assert main(args) == 0
+        lab.id_search_status = 503
+        lab.deleted = {"o1"}
+        lab.observations["o2"] = anc("o2", "b", 0.3)
+        lab.patients.append(patient("b"))
+        assert main(args) == 0
+        assert [(r["subject"]["reference"], r["status"]) for r in posted(mock)] == [
+            ("Patient/a", "active"), ("Patient/b", "active")]  # a kept, b's new alert written
+        assert [c.response.status_code for c in mock.calls if "_id=" in c.request.url] == [503]

@@ -130,3 +130,38 @@ def test_a_deleted_input_of_a_derived_count_withdraws_the_derived_alert(fhir_ser
     assert flag["status"] == "entered-in-error"
     [risk] = fhir_server.risk_assessments("p")
     assert risk["status"] == "entered-in-error"
+
+
+@pytest.mark.parametrize("crash_at", ["classified:1", "during-write:1", "write-accepted:1", "committed:1"])
+def test_killed_while_withdrawing_a_deleted_result_then_rerun_withdraws_it_once(fhir_server, tmp_path, crash_at):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from adapter import crashpoints
+
+    config = tmp_path / "adapter.toml"
+    config.write_text(f'[fhir]\nbase_url = "{fhir_server.base_url}"\nretries = 1\nretry_budget_s = 5\n'
+                      f'[output]\nresources = ["Flag", "RiskAssessment"]\n'
+                      f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n')
+
+    def run(crash: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != crashpoints.ENV}
+        env.update({crashpoints.ENV: crash} if crash else {})
+        return subprocess.run([sys.executable, "-m", "adapter", "run", "--config", str(config)],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    fhir_server.load(patient("a"), anc("o-a", "a", 0.4), patient("b"), anc("o-b", "b", 0.8))
+    assert run().returncode == 0
+    delete(fhir_server, "o-a")
+    # The withdrawal is the run's first write: the crash point is reached there, before any page is read.
+    assert run(crash_at).returncode == -signal.SIGKILL
+    assert run().returncode == 0
+    # No duplicate (a write accepted before the kill is repeated by the rerun: the same PUT, same resource).
+    flags = sorted((f["subject"]["reference"], f["status"]) for f in fhir_server.flags())
+    assert flags == [("Patient/a", "entered-in-error"), ("Patient/b", "active")]
+    assert sorted(r["status"] for r in fhir_server.search("RiskAssessment")) == ["entered-in-error", "final"]
+    again = run()
+    summary = [json.loads(line) for line in again.stderr.splitlines() if '"run-summary"' in line][0]["summary"]
+    assert (summary["created"], summary["updated"], summary["evidence_checked"]) == (0, 0, 1)
