@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 # patient by patient would only repeat them, and would hide a broken server behind exit 0.
 _NOT_ABOUT_A_PATIENT = frozenset({404, 405, 413, 415, 501})
 _ADOPT_BATCH = 50  # patients per Flag lookup (comma-separated subject, kept well within URL limits)
-# Ids behind live RiskAssessments checked for deletion per run (10 searches): they pile up with every
-# abnormal count, so a large history is swept over several runs; active Flags' evidence is always checked.
+# Live RiskAssessments whose Observations are checked for deletion per run (about 10 searches): they pile
+# up with every abnormal count, so a long history is swept over several runs; active Flags every run.
 _RISK_SWEEP = 1000
 
 

@@ -5,7 +5,6 @@ writes it records, so a crash at any point leaves state describing only what the
 
 from __future__ import annotations
 
-import bisect
 import fcntl
 import json
 import os
@@ -24,17 +23,8 @@ from adapter.model import (
 
 SCHEMA_VERSION = 2
 DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
-# What still stands on the server and the readings it cites (a Flag cites a derived count by its own
-# key, whose Observations are its sources), less those already known deleted (a patient whose withdrawal
-# the server refused is retried as a write failure, not found deleted again) and derived counts already
-# withdrawn (no Observation on the server has their key).
-_LIVE_EVIDENCE = (
-    "SELECT w.resource_type, w.patient_id, j.value AS observation_id, o.sources"
-    " FROM written w, json_each(w.evidence) j LEFT JOIN observations o ON o.observation_id = j.value"
-    " WHERE ((w.resource_type = 'Flag' AND w.status = 'active')"
-    "  OR (w.resource_type = 'RiskAssessment' AND w.status NOT IN ('entered-in-error', 'cancelled')))"
-    " AND NOT (o.outcome IS 'withdrawn' AND o.status IN ('deleted', 'superseded'))"
-)
+_LIVE_RISK = ("SELECT identifier, patient_id, evidence FROM written WHERE resource_type = 'RiskAssessment'"
+              " AND identifier {} ? AND status NOT IN ('entered-in-error', 'cancelled') ORDER BY identifier LIMIT ?")
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -256,26 +246,36 @@ class State:
 
     def live_evidence(self, risk_limit: int) -> tuple[dict[str, set[str]], str | None]:
         """The Observations behind what stands on the server, each with the patients whose resources cite
-        it: every active Flag's evidence, and at most `risk_limit` ids behind live RiskAssessments. Those
-        pile up with every abnormal count, so they are checked as a sweep: the ids after the last ones
-        checked, wrapping round. Returns the owners and the sweep position to store once the check is done
-        (None when every id fits in one run)."""
-        flags: dict[str, set[str]] = {}
-        risks: dict[str, set[str]] = {}
-        for row in self.db.execute(_LIVE_EVIDENCE):
-            chosen = flags if row["resource_type"] == "Flag" else risks
-            for observation_id in json.loads(row["sources"] or "[]") or [row["observation_id"]]:
-                chosen.setdefault(observation_id, set()).add(row["patient_id"])
-        position = None
-        if len(risks) > risk_limit:
-            ordered = sorted(risks)
-            start = bisect.bisect_right(ordered, self._meta("evidence_sweep") or "")
-            kept = (ordered[start:] + ordered[:start])[:risk_limit]
-            risks = {i: risks[i] for i in kept}
-            position = kept[-1] if kept else None
-        for observation_id, patients in risks.items():
-            flags.setdefault(observation_id, set()).update(patients)
-        return flags, position
+        it: the evidence of every active Flag, and of at most `risk_limit` live RiskAssessments. Those pile
+        up with every abnormal count, so they are taken as a sweep in identifier order (the primary key:
+        no scan), after the last ones taken, wrapping round. Returns the owners and the sweep position to
+        store once the check is done (None when every live RiskAssessment fitted)."""
+        flags = self.db.execute(
+            "SELECT patient_id, evidence FROM written WHERE resource_type = 'Flag' AND status = 'active'"
+        ).fetchall()
+        after = self._meta("evidence_sweep") or ""
+        risks = self.db.execute(_LIVE_RISK.format(">"), (after, risk_limit)).fetchall()
+        if len(risks) < risk_limit:
+            risks += self.db.execute(_LIVE_RISK.format("<="), (after, risk_limit - len(risks))).fetchall()
+        owners: dict[str, set[str]] = {}
+        for row in flags + risks:
+            for cited in json.loads(row["evidence"] or "[]"):
+                for observation_id in self._on_server(cited):
+                    owners.setdefault(observation_id, set()).add(row["patient_id"])
+        return owners, risks[-1]["identifier"] if len(risks) == risk_limit else None
+
+    def _on_server(self, cited: str) -> list[str]:
+        """The server's Observations behind an id our resources cite: a derived count's sources (a Flag
+        cites it by its own key, which no server has); nothing when it is already known deleted (a
+        patient whose withdrawal the server refused is retried as a write failure) or is a derived count
+        already withdrawn."""
+        row = self.db.execute("SELECT outcome, status, sources FROM observations WHERE observation_id = ?",
+                              (cited,)).fetchone()
+        if row is None:
+            return [cited]  # evidence of an adopted Flag, not read yet
+        if row["outcome"] == "withdrawn" and row["status"] in (DELETED, "superseded"):
+            return []
+        return json.loads(row["sources"] or "[]") or [cited]
 
     def set_evidence_sweep(self, position: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('evidence_sweep', ?)", (position,))
