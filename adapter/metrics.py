@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from adapter.state import State
 
 OUTCOMES = ("observations_read", "already_processed", "quarantined", "withdrawn", "ignored", "malformed",
-            "created", "updated", "unchanged")
+            "created", "updated", "unchanged", "evidence_deleted")
 
 
 def write(path: Path, state: State, summary: dict[str, Any], exit_code: int, http: dict[str, int]) -> None:
@@ -39,6 +39,9 @@ def write(path: Path, state: State, summary: dict[str, Any], exit_code: int, htt
                          "Observations, and resources written, in the last run by outcome", ("outcome",))
     for outcome in OUTCOMES:
         observations.labels(outcome=outcome).set(summary.get(outcome, 0))
+    for key, doc in (("evidence_checked", "Observations behind live Flags / RiskAssessments checked for deletion"),
+                     ("evidence_requests", "HTTP requests the deletion check took in the last run")):
+        gauge(f"anc_adapter_last_run_{key}", doc).set(summary.get(key, 0))
     graded = gauge("anc_adapter_last_run_graded", "Observations graded in the last run by grade", ("grade",))
     for grade, count in (summary.get("classified") or {}).items():
         graded.labels(grade=grade).set(count)

@@ -13,19 +13,19 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from adapter import classify, crashpoints, derive, extract, source, writeback
 from adapter.config import Config
-from adapter.errors import PermanentHttpError, SearchTruncated
+from adapter.errors import FhirError, PermanentHttpError, SearchTruncated
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
 from adapter.model import Classification, DeriveInput, Quarantine, Reading
-from adapter.state import State, Written
+from adapter.state import DELETED, State, Written
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # patient by patient would only repeat them, and would hide a broken server behind exit 0.
 _NOT_ABOUT_A_PATIENT = frozenset({404, 405, 413, 415, 501})
 _ADOPT_BATCH = 50  # patients per Flag lookup (comma-separated subject, kept well within URL limits)
+# Live RiskAssessments whose Observations are checked for deletion per run (about 10 searches): they pile
+# up with every abnormal count, so a long history is swept over several runs; active Flags every run.
+_RISK_SWEEP = 1000
 
 
 class Sink(Protocol):
@@ -97,6 +100,9 @@ class Summary:
     updated: int = 0
     write_failures: int = 0
     adopted: int = 0  # Flags found on the server that state did not know
+    evidence_checked: int = 0  # Observations behind live Flags / RiskAssessments checked for deletion
+    evidence_requests: int = 0  # the requests that check took
+    evidence_deleted: int = 0  # of those, found deleted on the server: what they caused is withdrawn
     unchanged: int = 0
     pages: int = 0
     http_requests: int = 0
@@ -119,6 +125,9 @@ class Summary:
             "updated": self.updated,
             "write_failures": self.write_failures,
             "adopted": self.adopted,
+            "evidence_checked": self.evidence_checked,
+            "evidence_requests": self.evidence_requests,
+            "evidence_deleted": self.evidence_deleted,
             "unchanged": self.unchanged,
             "pages": self.pages,
             "http_requests": self.http_requests,
@@ -178,6 +187,8 @@ class Run:
         self.state.start_pass()
         self._retry_quarantine()
         self._retry_write_failures()
+        if not window.backfill:
+            self._withdraw_deleted()
         since = window.since if window.backfill else self._live_since()
         codes = self.mappings.anc_codes + tuple(sorted(self.input_kinds or {}))
         params = source.search_params(codes, since, window.until, self.config.fhir.page_size)
@@ -220,6 +231,30 @@ class Run:
         if self._failing:
             self._process([], retry=True, also_plan=sorted(self._failing))
 
+    def _withdraw_deleted(self) -> None:
+        """A hard-deleted Observation leaves no version for the poll to read: look for the evidence of
+        what stands on the server, and withdraw what a deleted one caused, as for entered-in-error."""
+        owners, sweep = self.state.live_evidence(_RISK_SWEEP)
+        if not owners:
+            return
+        before = self.client.request_count
+        try:
+            gone = source.deleted(self.client, sorted(owners))
+        except FhirError as exc:
+            # Even after retries: a server that cannot answer this check must not also stop the poll
+            # that brings new alerts. Nothing is withdrawn on a guess; the next run checks again.
+            log.warning("could not check for deleted Observations; nothing withdrawn",
+                        extra={"event": "evidence-check-failed", "error": str(exc)})
+            return
+        finally:
+            self.summary.evidence_checked += len(owners)
+            self.summary.evidence_requests += self.client.request_count - before
+        if gone:
+            self._process([], retry=True, deleted={i: owners[i] for i in gone})
+        if sweep is not None:
+            with self.state.transaction():
+                self.state.set_evidence_sweep(sweep)
+
     def _live_since(self) -> datetime:
         watermark = self.state.watermark()
         if watermark is None:
@@ -243,7 +278,7 @@ class Run:
             self._process(resources, retry=True)
 
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool,
-                 also_plan: Iterable[str] = ()) -> None:
+                 also_plan: Iterable[str] = (), deleted: Mapping[str, set[str]] | None = None) -> None:
         now = _iso(self.now())
         touched: set[str] = set(also_plan)
         self._abnormal = set()  # patients with an abnormal count graded in this batch
@@ -251,6 +286,8 @@ class Run:
         with self.state.transaction():
             for resource in observations:
                 touched |= self._record(resource, retry, now, groups)
+            for observation_id, patients in sorted((deleted or {}).items()):
+                touched |= self._record_deleted(observation_id, patients, now, groups)
             for patient_id, effective in sorted(groups):
                 if self._derive(patient_id, effective, now):
                     touched.add(patient_id)
@@ -357,9 +394,7 @@ class Run:
             self.summary.observations_read += 1
             self._note_pass(seen)
         prior = self.state.ledger(seen.observation_id)
-        if not retry and prior is not None and (
-            prior.version == seen.version or prior.newer_than(seen.version, seen.last_updated)
-        ):
+        if not retry and prior is not None and prior.covers(seen.version, seen.last_updated):
             self.summary.already_processed += 1
             return set()
         # The patient it was filed to before must be re-planned too (a result moved to another patient).
@@ -396,6 +431,24 @@ class Run:
             "previous_grade_kept": keep,
         })
         return set() if keep else touched
+
+    def _record_deleted(self, observation_id: str, patients: set[str], now: str,
+                        groups: set[tuple[str, datetime]]) -> set[str]:
+        """Ledger an Observation the server no longer has as withdrawn; return the patients to re-plan:
+        those whose resources cite it, and the one it was filed to."""
+        prior = self.state.ledger(observation_id)
+        touched = set(patients) | ({prior.patient_id} if prior is not None and prior.patient_id else set())
+        if self.input_kinds is not None:
+            self._note_groups(observation_id, prior, None, groups)  # before the input row goes
+        # Never read by this state (evidence of an adopted Flag): no version, no lastUpdated, so the
+        # resource created again under this id later is graded whatever its version.
+        self.state.record_outcome(observation_id, prior.version if prior else "0", DELETED,
+                                  prior.patient_id if prior else min(patients), "withdrawn", now,
+                                  prior.last_updated if prior else "")
+        self.summary.evidence_deleted += 1
+        log.info("observation deleted on the server: what it caused is withdrawn",
+                 extra={"event": "observation-deleted", "observation_id": observation_id})
+        return touched
 
     def _note_groups(self, observation_id: str, prior: Any, outcome: Any,
                      groups: set[tuple[str, datetime]]) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from adapter import extract
-from adapter.errors import PermanentHttpError
+from adapter.errors import AuthError, PermanentHttpError
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Coding
 from adapter.model import Patient
@@ -58,6 +58,57 @@ def pages(client: FhirClient, params: dict[str, Any]) -> Iterator[Page]:
             elif kind != "OperationOutcome":  # servers may add warnings as OperationOutcome entries
                 page.malformed += 1
         yield page
+
+
+ID_BATCH = 100  # Observation ids per `_id` search
+_ID_CHARS = 4000  # and at most this many characters of ids, so the URL stays well within server limits
+GONE = frozenset({404, 410})
+
+
+def deleted(client: FhirClient, observation_ids: Iterable[str], max_reads: int = ID_BATCH) -> set[str]:
+    """Which of these Observations the server positively no longer has (hard-deleted, so no version of
+    it will ever reach the poll). A batched `_id` search narrows them down; each id the search did not
+    return is then read, and only a 404 or 410 counts. A search can leave a resource out for reasons of
+    its own (a page limit, an index that lags behind writes), and withdrawing a live alert on that guess
+    would be worse than keeping it one more run. At most `max_reads` reads per call: a mass deletion
+    drains over a few runs instead of one burst."""
+    missing: list[str] = []
+    for batch in _id_batches(observation_ids):
+        params = {"_id": ",".join(batch), "_count": len(batch), "_elements": "id"}
+        found = {r.get("id") for bundle in client.search("Observation", params)
+                 for r in (e.get("resource") for e in bundle.get("entry") or [] if isinstance(e, dict))
+                 if isinstance(r, dict) and r.get("resourceType") == "Observation"}
+        if found - set(batch):
+            # Observations we did not ask for: the server did not apply `_id`, so what it left out
+            # says nothing about what exists.
+            raise PermanentHttpError("the server does not restrict an Observation search by _id")
+        missing += [i for i in batch if i not in found]
+    gone = set()
+    for observation_id in missing[:max_reads]:
+        try:
+            client.get(f"Observation/{observation_id}")
+        except PermanentHttpError as exc:
+            if exc.status in GONE:
+                gone.add(observation_id)
+        except AuthError:
+            pass  # hidden from us is not deleted; a credential problem fails the search that follows
+    if len(gone) < len(missing):
+        log.warning("the id search left out Observations the server still has or we could not confirm yet",
+                    extra={"event": "evidence-unconfirmed", "count": len(missing) - len(gone)})
+    return gone
+
+
+def _id_batches(observation_ids: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for observation_id in observation_ids:
+        if batch and (len(batch) == ID_BATCH or chars + len(observation_id) + 1 > _ID_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(observation_id)
+        chars += len(observation_id) + 1
+    if batch:
+        yield batch
 
 
 class Patients:

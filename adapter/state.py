@@ -27,6 +27,9 @@ from adapter.model import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # 3: the quarantine keeps only what a retry reads (extract.kept_for_retry)
+DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
+_LIVE_RISK = ("SELECT identifier, patient_id, evidence FROM written WHERE resource_type = 'RiskAssessment'"
+              " AND identifier {} ? AND status NOT IN ('entered-in-error', 'cancelled') ORDER BY identifier LIMIT ?")
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -41,6 +44,7 @@ CREATE TABLE IF NOT EXISTS observations (
     status TEXT NOT NULL,
     patient_id TEXT NOT NULL,
     outcome TEXT NOT NULL,              -- classified | quarantined | withdrawn | ignored | derive-input
+                                        -- (withdrawn with status 'deleted': gone from the server)
     effective TEXT,
     anc_per_ul REAL,
     comparator TEXT,
@@ -123,6 +127,22 @@ class Ledgered:
     effective: datetime | None
     last_updated: str
     derived: bool
+    status: str = ""
+
+    @property
+    def deleted(self) -> bool:
+        return self.outcome == "withdrawn" and self.status == DELETED
+
+    def covers(self, version: str, last_updated: str) -> bool:
+        """Have we already processed this version (or a newer one)? After a deletion, a resource created
+        again under the same id may restart its version ids (a server that purged the old history): then
+        only its lastUpdated tells it from a stale copy of what was deleted."""
+        if self.deleted:
+            mine, theirs = _parsed(self.last_updated), _parsed(last_updated)
+            if mine is None or theirs is None:
+                return self.version == version and self.last_updated == last_updated
+            return theirs <= mine
+        return self.version == version or self.newer_than(version, last_updated)
 
     def newer_than(self, version: str, last_updated: str) -> bool:
         """Is what we recorded newer than this version? (A lagging replica can serve an old one.)"""
@@ -234,14 +254,14 @@ class State:
     def ledger(self, observation_id: str) -> Ledgered | None:
         """What we last recorded for this Observation."""
         row = self.db.execute(
-            "SELECT version, patient_id, outcome, effective, last_updated, sources FROM observations"
+            "SELECT version, patient_id, outcome, effective, last_updated, sources, status FROM observations"
             " WHERE observation_id = ?", (observation_id,)
         ).fetchone()
         if row is None:
             return None
         return Ledgered(row["version"], row["patient_id"], row["outcome"],
                         datetime.fromisoformat(row["effective"]) if row["effective"] else None,
-                        row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")))
+                        row["last_updated"] or "", bool(json.loads(row["sources"] or "[]")), row["status"])
 
     def processed_version(self, observation_id: str) -> str | None:
         ledgered = self.ledger(observation_id)
@@ -256,6 +276,42 @@ class State:
             f"SELECT observation_id FROM observations WHERE observation_id IN ({','.join('?' * len(ids))})", ids
         ).fetchall()
         return {row["observation_id"] for row in rows}
+
+    def live_evidence(self, risk_limit: int) -> tuple[dict[str, set[str]], str | None]:
+        """The Observations behind what stands on the server, each with the patients whose resources cite
+        it: the evidence of every active Flag, and of at most `risk_limit` live RiskAssessments. Those pile
+        up with every abnormal count, so they are taken as a sweep in identifier order (the primary key:
+        no scan), after the last ones taken, wrapping round. Returns the owners and the sweep position to
+        store once the check is done (None when every live RiskAssessment fitted)."""
+        flags = self.db.execute(
+            "SELECT patient_id, evidence FROM written WHERE resource_type = 'Flag' AND status = 'active'"
+        ).fetchall()
+        after = self._meta("evidence_sweep") or ""
+        risks = self.db.execute(_LIVE_RISK.format(">"), (after, risk_limit)).fetchall()
+        if len(risks) < risk_limit:
+            risks += self.db.execute(_LIVE_RISK.format("<="), (after, risk_limit - len(risks))).fetchall()
+        owners: dict[str, set[str]] = {}
+        for row in flags + risks:
+            for cited in json.loads(row["evidence"] or "[]"):
+                for observation_id in self._on_server(cited):
+                    owners.setdefault(observation_id, set()).add(row["patient_id"])
+        return owners, risks[-1]["identifier"] if len(risks) == risk_limit else None
+
+    def _on_server(self, cited: str) -> list[str]:
+        """The server's Observations behind an id our resources cite: a derived count's sources (a Flag
+        cites it by its own key, which no server has); nothing when it is already known deleted (a
+        patient whose withdrawal the server refused is retried as a write failure) or is a derived count
+        already withdrawn."""
+        row = self.db.execute("SELECT outcome, status, sources FROM observations WHERE observation_id = ?",
+                              (cited,)).fetchone()
+        if row is None:
+            return [cited]  # evidence of an adopted Flag, not read yet
+        if row["outcome"] == "withdrawn" and row["status"] in (DELETED, "superseded"):
+            return []
+        return json.loads(row["sources"] or "[]") or [cited]
+
+    def set_evidence_sweep(self, position: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('evidence_sweep', ?)", (position,))
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import responses
+from responses import matchers
 
 from adapter.cli import main
 from builders import anc, patient
@@ -31,6 +32,16 @@ def page(*resources, next_url=None, included=()):
     return {"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries}
 
 
+# The deletion check of a run with something live (an active Flag): every Observation asked for by `_id`
+# still exists. Register it before the general Observation search, which would answer it otherwise.
+ID_SEARCH = [matchers.query_param_matcher({"_elements": "id"}, strict_match=False)]
+
+
+def ids_exist(request):
+    return 200, {}, json.dumps(page(*({"resourceType": "Observation", "id": i}
+                                      for i in request.params["_id"].split(","))))
+
+
 def transaction_echo(request):
     bundle = json.loads(request.body)
     entries = [{"response": {"status": "201 Created", "location": f"Flag/f{i}/_history/1"}}
@@ -43,6 +54,7 @@ def server():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
         mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
+        mock.add_callback(responses.GET, f"{BASE}/Observation", callback=ids_exist, match=ID_SEARCH)
         mock.add_callback(responses.POST, BASE, callback=transaction_echo)
         yield mock
 
@@ -103,6 +115,7 @@ def test_a_patient_whose_writes_the_server_refuses_does_not_block_the_others(tmp
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         mock.get(f"{BASE}/metadata", json=CAPABILITY)
         mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
+        mock.add_callback(responses.GET, f"{BASE}/Observation", callback=ids_exist, match=ID_SEARCH)
         mock.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.3),
                                                   included=[patient("a"), patient("b")]))
         mock.add_callback(responses.POST, BASE, callback=answer)
@@ -169,6 +182,7 @@ def test_the_write_mode_is_pinned_at_first_use(tmp_path):
         with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
             mock.get(f"{BASE}/metadata", json=statement)
             mock.get(FLAG_SEARCH, json=EMPTY_SEARCH)  # no Flags of ours yet
+            mock.add_callback(responses.GET, f"{BASE}/Observation", callback=ids_exist, match=ID_SEARCH)
             mock.get(f"{BASE}/Observation", json=page(observation, included=[patient("a"), patient("b")]))
             mock.add_callback(responses.POST, BASE, callback=transaction_echo)
             assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
