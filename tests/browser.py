@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,27 @@ def chromium(width: int = 1200, height: int = 900) -> Iterator[Any]:
             driver.quit()
 
 
-def requests_made(driver: Any) -> list[str]:
-    """URLs of every request the browser started since the last call (data: URLs included)."""
-    urls = []
+@dataclass(frozen=True)
+class Request:
+    url: str
+    blocked: str | None  # why the browser stopped it before it left (e.g. "csp"), None if it went out
+
+
+def requests_made(driver: Any) -> list[Request]:
+    """Every request the browser started since the last call (data: URLs included), in order. A request
+    the Content-Security-Policy stops is still announced by DevTools, then failed with a blockedReason."""
+    started: dict[str, str] = {}
+    blocked: dict[str, str] = {}
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
-        if message.get("method") in ("Network.requestWillBeSent", "Network.webSocketCreated"):
-            params = message["params"]
-            urls.append(params.get("request", {}).get("url") or params.get("url", ""))
-    return urls
+        params = message.get("params", {})
+        if message.get("method") == "Network.requestWillBeSent":
+            started.setdefault(params["requestId"], params["request"]["url"])
+        elif message.get("method") == "Network.webSocketCreated":
+            started.setdefault(params["requestId"], params["url"])
+        elif message.get("method") == "Network.loadingFailed" and params.get("blockedReason"):
+            blocked[params["requestId"]] = params["blockedReason"]
+    return [Request(url, blocked.get(request_id)) for request_id, url in started.items()]
 
 
 def console_errors(driver: Any) -> list[str]:

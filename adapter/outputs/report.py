@@ -134,7 +134,8 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
             item.identifier, item.status, frozenset(item.evidence), plan["action"] if plan else "",
             _text(plan["resource"]) if plan else ""))
     wanted = {p for p, rows in by_patient.items() if any(r.grade.abnormal and within(g.effective) for g, r in rows)}
-    wanted |= {patient for patient, _ in planned_flags}
+    # A Flag the dry run would withdraw may have no count left to show; it is listed all the same.
+    wanted |= {patient for (patient, _), plan in planned_flags.items() if plan["action"] == "withdraw"}
     wanted |= {item.patient_id for item, updated_at in written
                if item.resource_type == "Flag" and item.status == "entered-in-error"
                and within(_instant(updated_at))}
@@ -383,7 +384,7 @@ def _alerts_section(data: ReportData) -> str:
 def _patients_section(data: ReportData, marks_for: Callable[[str], Sequence[ContextMark]]) -> str:
     out = ['<section id="patients"><h2>Flagged patients</h2>',
            "<p class=meta>Patients with an abnormal count in the window (and any whose Flag "
-           + ("the dry run would write or withdraw" if data.review else "was withdrawn in it")
+           + ("the dry run would withdraw" if data.review else "was withdrawn in it")
            + "), most severe first. Patients are shown by their FHIR id only.</p>"]
     if not data.flagged:
         out.append("<p>No flagged patients in this window.</p></section>")
