@@ -621,8 +621,9 @@ def _day_bars(per_day: dict[date, list[str]], first: date, last: date) -> str:
                    f'height="{height:.1f}" fill="#b71c1c"><title>{_e(day)}: {len(patients)} new Flag(s)</title></rect>')
     for step in range(min(days, 6)):
         day = first + timedelta(days=round(step * (days - 1) / max(min(days, 6) - 1, 1)))
-        out.append(f'<text x="{_LEFT + slot * ((day - first).days + 0.5):.1f}" y="{_TOP + plot_h + 16}" '
-                   f'text-anchor="middle">{_e(day)}</text>')
+        anchor = "end" if step and step == min(days, 6) - 1 else "start" if step == 0 else "middle"
+        at = _LEFT + slot * ((day - first).days + {"start": 0, "middle": 0.5, "end": 1}[anchor])
+        out.append(f'<text x="{at:.1f}" y="{_TOP + plot_h + 16}" text-anchor="{anchor}">{_e(day)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
