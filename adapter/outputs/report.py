@@ -23,7 +23,7 @@ from typing import Any
 
 from adapter.episodes import Episode, Graded, episodes
 from adapter.mappings import Thresholds
-from adapter.model import AgeBand, Grade
+from adapter.model import AgeBand, Classification, Grade
 from adapter.state import QuarantineEntry, State, Written
 
 BANNER = ("This file contains patient data: FHIR patient ids with their neutrophil counts and dates. "
@@ -126,7 +126,7 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
         by_patient[graded[0].patient_id].append(graded)
     planned_flags = {(p["patient_id"], p["identifier"]): p for p in planned if p["resource_type"] == "Flag"}
     flags: dict[str, list[FlagView]] = defaultdict(list)
-    for item, updated_at in written:
+    for item, _ in written:
         if item.resource_type != "Flag":
             continue
         plan = planned_flags.get((item.patient_id, item.identifier))
@@ -209,7 +209,8 @@ main{max-width:1000px;margin:0 auto;padding:0 20px 40px}
 .dry{background:#e3f2fd;border:2px solid #1565c0;padding:8px 12px;margin:12px 0;border-radius:4px}
 h1{font-size:24px;margin:18px 0 4px} h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ccc}
 h3{font-size:16px;margin:0 0 6px}
-table{border-collapse:collapse;margin:6px 0 10px;background:#fff} td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0 10px;background:#fff}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f0} td.n{text-align:right;font-variant-numeric:tabular-nums}
 code{font-size:13px;background:#eef;padding:0 3px;border-radius:3px}
 .patient{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px 14px;margin:14px 0}
@@ -277,7 +278,7 @@ def _runs_section(data: ReportData) -> str:
         return "\n".join(out)
     out.append(_runs_chart(data.runs))
     out.append('<div class="legend">' + _swatch("#90caf9", "observations read")
-               + _swatch("#37474f", "resources written (by a dry run: would be)" if data.review else "resources written")
+               + _swatch("#37474f", "resources written" + (" (by a dry run: would be)" if data.review else ""))
                + _swatch("#e65100", "quarantined") + _swatch("#b71c1c", "run failed (exit ≠ 0)") + "</div>")
     shown = [r for r in data.runs if r["exit_code"] not in (0, None)]
     latest = [r for r in reversed(data.runs) if r not in shown][:50]
@@ -305,7 +306,8 @@ def _grades_section(data: ReportData) -> str:
     items = [(f"{grade.value} — {grade.label}", data.grades[grade.value], GRADE_COLOUR[grade])
              for grade in Grade if data.grades.get(grade.value)]
     body = _hbars(items, "graded counts by grade") if items else "<p>No graded counts in this window.</p>"
-    return f'<section id="grades"><h2>Grades</h2><p class=meta>Every graded count in the window, by grade.</p>{body}</section>'
+    return ('<section id="grades"><h2>Grades</h2><p class=meta>Every graded count in the window, by grade.</p>'
+            f"{body}</section>")
 
 
 def _quarantine_section(data: ReportData) -> str:
@@ -525,7 +527,7 @@ def timeline(patient: PatientView, thresholds: Thresholds, marks: Sequence[Conte
     return "\n".join(svg)
 
 
-def _bounds(result: Any, lln_per_ul: float | None, thresholds: Thresholds,
+def _bounds(result: Classification, lln_per_ul: float | None, thresholds: Thresholds,
             default_lln: float) -> tuple[tuple[str, float], ...]:
     """The grade bounds that graded this reading: its profile (CTCAE grades say CTCAE) and age band."""
     if result.grade.value.startswith("ctcae"):
@@ -580,7 +582,8 @@ def _x_axis(x: Callable[[datetime], float], start: datetime, end: datetime, base
     for step in range(6):
         moment = start + (end - start) * (step + 0.5) / 6
         text = moment.astimezone(timezone.utc).strftime("%m-%d %H:%M" if fine else "%Y-%m-%d")
-        out.append(f'<line x1="{x(moment):.1f}" x2="{x(moment):.1f}" y1="{baseline}" y2="{baseline + 4}" stroke="#999"/>')
+        out.append(f'<line x1="{x(moment):.1f}" x2="{x(moment):.1f}" y1="{baseline}" y2="{baseline + 4}" '
+                   'stroke="#999"/>')
         out.append(f'<text x="{x(moment):.1f}" y="{baseline + 16}" text-anchor="middle">{text}</text>')
     return out
 
@@ -657,7 +660,7 @@ def _runs_chart(runs: Sequence[dict[str, Any]]) -> str:
            f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{_TOP + plot_h}" y2="{_TOP + plot_h}" stroke="#999"/>',
            f'<text x="{_LEFT - 6}" y="{_TOP + 4}" text-anchor="end">{top}</text>',
            f'<text x="{_LEFT - 6}" y="{_TOP + plot_h + 4}" text-anchor="end">0</text>']
-    for index, (key, read, written, quarantined, failed) in enumerate(totals):
+    for index, (_, read, written, quarantined, failed) in enumerate(totals):
         x0 = _LEFT + slot * index
         for offset, value, colour, what in ((0.08, read, "#90caf9", "read"), (0.38, written, "#37474f", "written"),
                                             (0.68, quarantined, "#e65100", "quarantined")):
@@ -697,7 +700,7 @@ def _grades_of(patient: PatientView) -> list[Grade]:
     return [g for g in Grade if g in present]
 
 
-def _members(patient: PatientView, episode: Episode) -> Iterable[Graded]:
+def _members(patient: PatientView, episode: Episode) -> list[Graded]:
     return [g for g in patient.readings if g[0].observation_id in episode.evidence] or [episode.latest]
 
 
