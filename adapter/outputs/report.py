@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.episodes import Episode, Graded, episodes
+from adapter.errors import ConfigError
 from adapter.mappings import Thresholds
 from adapter.model import AgeBand, Classification, Grade
 from adapter.state import QuarantineEntry, State, Written
@@ -45,7 +46,8 @@ _OTHER_MARK = "#616161"
 @dataclass(frozen=True)
 class ContextMark:
     """Something on a patient's timeline that is not a count: a fever, a chemotherapy dose, a projection.
-    `until` draws a span instead of a line. `kind` picks the colour (MARK_COLOUR)."""
+    `at` and `until` are timezone-aware; `until` draws a span instead of a line. `kind` picks the colour
+    (MARK_COLOUR); `label` is shown as text (escaped)."""
 
     at: datetime
     label: str
@@ -168,9 +170,12 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
 
 def write(path: Path, document: str) -> None:
     """Create or overwrite the report with mode 0600 (an existing file of wider mode is narrowed first:
-    O_CREAT's mode applies only to a new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    O_CREAT's mode applies only to a new file). A symbolic link at `path` is refused, not followed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise ConfigError(f"--html: cannot write {path}: {exc.strerror}") from None
     try:
         os.fchmod(handle, 0o600)
         with os.fdopen(handle, "w", encoding="utf-8") as out:

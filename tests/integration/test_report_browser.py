@@ -87,6 +87,9 @@ def test_go_live_review_then_live_report_in_a_real_browser(fhir_server, tmp_path
     live = State.open_readonly(live_path)
     assert (live.watermark(), live.runs(), live.all_readings()) == (None, [], [])
     assert stat.S_IMODE(review_path.stat().st_mode) == 0o600
+    planned = [(p["patient_id"], p["resource_type"], p["action"], p["status"])
+               for p in State.open_readonly(review_path).planned()]
+    assert planned == [("p-moderate", "Flag", "create", "active"), ("p-severe", "Flag", "create", "active")]
     dry_report = tmp_path / "review.html"
     assert cli(tmp_path, fhir_server, "report", "--html", str(dry_report)) == 0
     assert stat.S_IMODE(dry_report.stat().st_mode) == 0o600
@@ -99,6 +102,7 @@ def test_go_live_review_then_live_report_in_a_real_browser(fhir_server, tmp_path
     assert seen["dry_run"]
     assert "o-quarantined" in seen["body"] and "unknown-unit" in seen["body"]
     assert "p-normal" not in seen["body"]
+    assert "Severe neutropenia: ANC 200 cells/µL on 2026-09-05" in seen["body"]  # the Flag it would write
 
     # Live: the Flags are written, and the default report now shows the live state.
     assert cli(tmp_path, fhir_server, "run", "--since", "2026-08-01T00:00:00Z") == 0
@@ -110,6 +114,10 @@ def test_go_live_review_then_live_report_in_a_real_browser(fhir_server, tmp_path
     assert seen["requests"] == [seen["url"]] and seen["errors"] == []
     assert not seen["dry_run"]
     assert "episode 1, open: Flag active" in seen["body"]
+
+    # A new dry run starts again from the live state: everything is written, nothing would change.
+    assert cli(tmp_path, fhir_server, "run", "--dry-run", "--since", "2026-08-01T00:00:00Z") == 0
+    assert State.open_readonly(review_path).planned() == []
 
     # The review stays available on request, and a window narrows what is shown.
     again = tmp_path / "again.html"

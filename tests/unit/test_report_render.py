@@ -200,6 +200,16 @@ def test_the_file_is_written_0600_also_over_an_existing_wider_file(tmp_path):
     assert existing.read_text() == "<p>two</p>"
 
 
+def test_a_symbolic_link_in_place_of_the_report_is_refused(tmp_path):
+    from adapter.errors import ConfigError
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep")
+    (tmp_path / "report.html").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="--html"):
+        report.write(tmp_path / "report.html", "<p>patient data</p>")
+    assert elsewhere.read_text() == "keep"
+
+
 def test_a_dry_run_review_copy_records_plans_and_leaves_the_live_state_alone(tmp_path):
     live_path = tmp_path / "state.sqlite3"
     live = State.open(live_path)
