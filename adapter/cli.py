@@ -22,6 +22,7 @@ from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth, capability
 from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
+from adapter.outputs import report
 from adapter.pipeline import ReviewSink, Run, ServerSink, Summary, Window
 from adapter.state import State
 from adapter.writeback import Output
@@ -287,10 +288,9 @@ def _cmd_report(args: argparse.Namespace, run_id: str) -> int:
 
 
 def write_report(config: Config, state_path: Path, target: Path, since: datetime | None = None,
-                 until: datetime | None = None) -> Any:
-    """Read one state file (read-only) and write its HTML review to `target` (0600)."""
-    from adapter.outputs import report
-
+                 until: datetime | None = None) -> report.ReportData:
+    """Read one state file (read-only) and write its HTML review to `target` (0600). Clinical context
+    marks on the timelines plug in here: `report.render(..., context=<patient id -> [ContextMark]>)`."""
     thresholds = mappings_module.load(config.mappings.path).thresholds
     state = State.open_readonly(state_path)
     try:
