@@ -75,13 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: <state>.review.sqlite3 beside the state)")
     run.set_defaults(handler=_cmd_run)
 
-    report = commands.add_parser("report", parents=[common], help="self-contained HTML review (patient data)")
-    report.add_argument("--html", required=True, metavar="FILE", help="write the report here (mode 0600)")
-    report.add_argument("--since", type=_instant, help="counts and runs from this time (ISO 8601)")
-    report.add_argument("--until", type=_instant, help="counts and runs before this time (ISO 8601)")
-    report.add_argument("--dry-run", action="store_true",
+    review = commands.add_parser("report", parents=[common], help="self-contained HTML review (patient data)")
+    review.add_argument("--html", required=True, metavar="FILE", help="write the report here (mode 0600)")
+    review.add_argument("--since", type=_instant, help="counts and runs from this time (ISO 8601)")
+    review.add_argument("--until", type=_instant, help="counts and runs before this time (ISO 8601)")
+    review.add_argument("--dry-run", action="store_true",
                         help="report the last `run --dry-run` (its review state) instead of the live state")
-    report.set_defaults(handler=_cmd_report)
+    review.set_defaults(handler=_cmd_report)
 
     check = commands.add_parser("check", parents=[common], help="config, reachability, auth, capabilities")
     check.set_defaults(handler=_cmd_check)
