@@ -181,7 +181,7 @@ def _threshold_lines(shown: list[Graded], bands: list[tuple[tuple[str, float], .
 
 def _y_axis(y: Callable[[float], float], y_max: float, bounds: list[float]) -> list[str]:
     out = [f'<text x="{_LEFT - 6}" y="{_TOP - 8}" text-anchor="end">cells/µL</text>']
-    for value in sorted({0.0, *bounds, round(y_max, -2)}):
+    for value in sorted({0.0, *bounds, float(int(y_max // 100) * 100)}):
         if value > y_max:
             continue
         out.append(f'<text x="{_LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:g}</text>')
