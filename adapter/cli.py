@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -23,7 +24,8 @@ from adapter.fhir import auth, capability
 from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.fhir.throttle import TokenBucket
-from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
+from adapter.outputs import report
+from adapter.pipeline import ReviewSink, Run, ServerSink, Summary, Window
 from adapter.state import State
 from adapter.writeback import Output
 
@@ -84,7 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", type=_instant, help="backfill window end (ISO 8601)")
     run.add_argument("--max-duration", type=float, metavar="SECONDS",
                      help="stop cleanly (state committed) after this long, before the next cron tick")
+    run.add_argument("--review-state", metavar="PATH",
+                     help="with --dry-run: where to keep the review copy for `report` "
+                          "(default: <state>.review.sqlite3 beside the state)")
     run.set_defaults(handler=_cmd_run)
+
+    review = commands.add_parser("report", parents=[common], help="self-contained HTML review (patient data)")
+    review.add_argument("--html", required=True, metavar="FILE", help="write the report here (mode 0600)")
+    review.add_argument("--since", type=_instant, help="counts and runs from this time (ISO 8601)")
+    review.add_argument("--until", type=_instant, help="counts and runs before this time (ISO 8601)")
+    review.add_argument("--dry-run", action="store_true",
+                        help="report the last `run --dry-run` (its review state) instead of the live state")
+    review.set_defaults(handler=_cmd_report)
 
     check = commands.add_parser("check", parents=[common], help="config, reachability, auth, capabilities")
     check.set_defaults(handler=_cmd_check)
@@ -173,37 +186,55 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
     if args.until and not args.since:
         raise ConfigError("--until needs --since")
+    if args.review_state and not args.dry_run:
+        raise ConfigError("--review-state: only with --dry-run")
     code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
                        window=Window(args.since, args.until), max_duration_s=args.max_duration,
-                       metrics_file=args.metrics_file)
+                       metrics_file=args.metrics_file,
+                       review_path=Path(args.review_state) if args.review_state else None)
     return code
+
+
+def review_state_path(state_path: Path) -> Path:
+    """Where `run --dry-run` keeps its review copy by default: beside the live state, same directory
+    (and so the same protection), e.g. state.sqlite3 -> state.review.sqlite3."""
+    return state_path.with_name(f"{state_path.stem}.review{state_path.suffix}")
 
 
 def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = False,
              window: Window = Window(), max_duration_s: float | None = None,
              collect_rows: bool = False, out: Any = None,
              metrics_file: str | None = None,
-             retry_only: tuple[str, ...] | None = None) -> tuple[int, Summary | None]:
+             retry_only: tuple[str, ...] | None = None,
+             review_path: Path | None = None) -> tuple[int, Summary | None]:
     """One pass; `retry_only` grades quarantined Observations again (those ids, or all for ()) without
-    searching and without moving the watermark."""
+    searching and without moving the watermark. A dry run works on a review copy of the state
+    (`review_path`, default beside the state) and leaves it there for `report`: the live state's ledger,
+    watermark and run history stay as they were."""
     mappings = mappings_module.load(config.mappings.path)
     client = _client(config)
     with state_module.locked(state_path):
         state = State.open(state_path)
-        if not dry_run:
+        if dry_run:
+            started = _now()
+            work_state = state.review_copy(review_path or review_state_path(state_path), run_id, started,
+                                           window.since.isoformat() if window.since else None,
+                                           window.until.isoformat() if window.until else None)
+            work_state.start_run(run_id, started, "dry-run")
+        else:
+            work_state = state
             state.start_run(run_id, _now(), "backfill" if window.backfill else "live")
 
         def finish(exit_code: int, summary: dict[str, Any]) -> None:
-            if not dry_run:
-                state.finish_run(run_id, _now(), exit_code, summary)
+            work_state.finish_run(run_id, _now(), exit_code, summary)
             if metrics_file:
                 metrics.write(Path(metrics_file), state, summary, exit_code, dict(client.requests_by_status))
 
         run: Run | None = None
         try:
-            work_state = state.scratch_copy() if dry_run else state
             output = _output(config, client, work_state)
-            sink: Any = DryRunSink() if dry_run else ServerSink(client, output, config.fhir.max_bundle_entries)
+            sink: Any = ReviewSink(work_state, run_id, _now) if dry_run \
+                else ServerSink(client, output, config.fhir.max_bundle_entries)
             progress = _Progress() if window.backfill and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                       collect_rows=collect_rows, on_page=progress)
@@ -273,6 +304,52 @@ def _output(config: Config, client: FhirClient, state: State) -> Output:
                   risk_assessment_for_normal=config.output.risk_assessment_for_normal,
                   write_modes=tuple(sorted(modes.items())), bundle_type=bundle_type,
                   provenance=config.output.provenance)
+
+
+def _cmd_report(args: argparse.Namespace, run_id: str) -> int:
+    config = _config(args)
+    if args.until and args.since and args.until <= args.since:
+        raise ConfigError("--until: must be later than --since")
+    live, review = Path(config.state.path), review_state_path(Path(config.state.path))
+    if args.dry_run and not review.is_file():
+        raise ConfigError(f"report --dry-run: no review state at {review}; run `anc-adapter run --dry-run` first")
+    path = review if args.dry_run or (review.is_file() and not _has_live_runs(live)) else live
+    target = Path(args.html)
+    data = write_report(config, path, target, args.since, args.until)
+    if path == live and review.is_file():
+        log.warning("this report shows the live state; a dry-run review exists: `report --dry-run` shows it",
+                    extra={"event": "report-review-exists"})
+    sys.stdout.write(f"wrote {target} from the {'dry-run review' if data.review else 'live'} state {path}: "
+                     f"{len(data.flagged)} flagged patients. It holds patient data (mode 0600): keep it like "
+                     f"the patient record.\nOpen it in a browser: file://{target.resolve()}\n")
+    return 0
+
+
+def write_report(config: Config, state_path: Path, target: Path, since: datetime | None = None,
+                 until: datetime | None = None) -> report.ReportData:
+    """Read one state file (read-only) and write its HTML review to `target` (0600). Clinical context
+    marks on the timelines plug in here: `report.render(..., context=<patient id -> [ContextMark]>)`."""
+    thresholds = mappings_module.load(config.mappings.path).thresholds
+    state = State.open_readonly(state_path)
+    try:
+        data = report.collect(state, str(state_path), thresholds, since=since, until=until,
+                              default_lln=config.classify.default_lln)
+    finally:
+        state.db.close()
+    report.write(target, report.render(data, generated=datetime.now(timezone.utc)))
+    return data
+
+
+def _has_live_runs(path: Path) -> bool:
+    """Has the adapter ever run for real on this state? Before go-live it has not, and `report` after
+    `run --dry-run` then shows the dry run (CONTRACT §9), as there is nothing else to show."""
+    if not path.is_file():
+        return False
+    state = State.open_readonly(path)
+    try:
+        return any(r["mode"] != "dry-run" for r in state.runs())
+    finally:
+        state.db.close()
 
 
 def _cmd_check(args: argparse.Namespace, run_id: str) -> int:
@@ -361,11 +438,16 @@ def _cmd_demo(args: argparse.Namespace, run_id: str) -> int:
 
     base = config_module.load(None)
 
-    def run_demo(base_url: str, state_path: Path) -> tuple[int, Summary | None]:
+    def run_demo(base_url: str, state_path: Path, dry_run: bool = False,
+                 since: datetime | None = None) -> tuple[int, Summary | None]:
         config = base.with_overrides(fhir={"base_url": base_url}, state={"path": str(state_path)})
-        return run_once(config, state_path, f"{run_id}-{uuid.uuid4().hex[:4]}", collect_rows=True)
+        return run_once(config, state_path, f"{run_id}-{uuid.uuid4().hex[:4]}", collect_rows=True,
+                        dry_run=dry_run, window=Window(since), out=io.StringIO())
 
-    return demo.main(sys.stdout, run_demo, base.output.system_base.rstrip("/") + "/tag")
+    def report_demo(state_path: Path, target: Path) -> int:
+        return len(write_report(base, review_state_path(state_path), target).flagged)
+
+    return demo.main(sys.stdout, run_demo, base.output.system_base.rstrip("/") + "/tag", report_demo)
 
 
 def _cmd_serve(args: argparse.Namespace, run_id: str) -> int:

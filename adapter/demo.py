@@ -25,6 +25,13 @@ SAMPLES: tuple[tuple[str, str | None, float, str, str], ...] = (
     ("demo-infant-normal", "AGE_6_MONTHS", 1.2, "10*3/uL", "infant, 1200 is normal under 1 year"),
     ("demo-unknown-unit", "1980-02-02", 1.1, "mmol/L", "unknown unit: quarantined, not guessed"),
 )
+# The go-live review part of the demo: one more patient's history (10*3/uL, days before today), graded by
+# a dry run over the past weeks. A fall to severe that recovers (episode 1: its Flag would be inactive),
+# then a new mild fall (episode 2: active), so the report shows a timeline.
+COURSE_PATIENT, COURSE_BORN = "demo-chemo-course", "1962-04-09"
+COURSE: tuple[tuple[int, float], ...] = (
+    (27, 4.1), (20, 2.2), (16, 1.1), (13, 0.42), (10, 0.28), (7, 0.9), (4, 1.8), (1, 1.3),
+)
 
 
 def sample_bundle(today: date) -> dict[str, Any]:
@@ -57,14 +64,35 @@ def sample_bundle(today: date) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def course_bundle(today: date) -> dict[str, Any]:
+    morning = datetime.combine(today, datetime.min.time(), timezone.utc) + timedelta(hours=8)
+    resources: list[dict[str, Any]] = [{
+        "resourceType": "Patient", "id": COURSE_PATIENT, "birthDate": COURSE_BORN,
+        "name": [{"family": f"Sample{len(SAMPLES) + 1}", "given": ["Demo"]}],
+    }]
+    for number, (days_before, value) in enumerate(COURSE, start=1):
+        resources.append({
+            "resourceType": "Observation", "id": f"anc-{COURSE_PATIENT}-{number}", "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "751-8"}]},
+            "subject": {"reference": f"Patient/{COURSE_PATIENT}"},
+            "effectiveDateTime": (morning - timedelta(days=days_before)).isoformat().replace("+00:00", "Z"),
+            "valueQuantity": {"value": value, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"},
+        })
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources
+    ]}
+
+
 def load(base_url: str, bundle: dict[str, Any]) -> None:
     response = requests.post(base_url, json=bundle, timeout=60,
                              headers={"Content-Type": "application/fhir+json"})
     response.raise_for_status()
 
 
-def main(out: TextIO, run_once: Any, tag_system: str) -> int:
-    """`run_once(base_url, state_path)` runs one pass and returns (exit code, summary)."""
+def main(out: TextIO, run_once: Any, tag_system: str, write_report: Any = None) -> int:
+    """`run_once(base_url, state_path, dry_run=False, since=None)` runs one pass and returns (exit code,
+    summary); `write_report(state_path, target)` writes the review report of that state's last dry run
+    and returns how many patients it shows as flagged."""
     out.write("Starting the local FHIR server (Sekmet, loopback, in-memory) ...\n")
     with sekmet() as base_url, tempfile.TemporaryDirectory(prefix="anc-demo-") as workdir:
         load(base_url, sample_bundle(datetime.now(timezone.utc).date()))
@@ -82,7 +110,30 @@ def main(out: TextIO, run_once: Any, tag_system: str) -> int:
         if again:
             out.write(f"Second run (idempotence): read={again.observations_read} created={again.created} "
                       f"updated={again.updated}; Flags on the server: {len(_our_flags(base_url, tag_system))}\n")
+        if write_report is not None and code == 0:
+            code = _review(out, base_url, state_path, run_once, write_report, tag_system)
         return code
+
+
+def _review(out: TextIO, base_url: str, state_path: Path, run_once: Any, write_report: Any,
+            tag_system: str) -> int:
+    """The go-live review (docs/review-report.md): a dry run over past weeks, then the report."""
+    today = datetime.now(timezone.utc).date()
+    load(base_url, course_bundle(today))
+    since = datetime.combine(today - timedelta(days=28), datetime.min.time(), timezone.utc)
+    code, review = run_once(base_url, state_path, dry_run=True, since=since)
+    if code != 0 or review is None:
+        return code
+    out.write(f"\nGo-live review: one more patient with {len(COURSE)} counts over four weeks loaded; "
+              f"`run --dry-run --since {since.date()}` graded them and sent nothing (it would create "
+              f"{review.created} and update {review.updated}); Flags on the server: "
+              f"{len(_our_flags(base_url, tag_system))}\n")
+    # Kept after the demo (the server and the state are gone by then): a new private directory each time.
+    target = Path(tempfile.mkdtemp(prefix="anc-demo-report-"), "review.html")
+    flagged = write_report(state_path, target)
+    out.write(f"Review report ({flagged} flagged patients; synthetic here, but a real report holds patient "
+              f"data): {target}\nOpen it in a browser: file://{target}\n")
+    return code
 
 
 def _our_flags(base_url: str, tag_system: str) -> dict[str, dict[str, Any]]:

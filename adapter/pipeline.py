@@ -86,6 +86,25 @@ class DryRunSink:
         return [(p.written(None), True) for p in planned]
 
 
+class ReviewSink(DryRunSink):
+    """--dry-run with a review state: also records each planned write there (create, update or
+    withdraw), so `report` can show what the run would have written."""
+
+    def __init__(self, review: State, run_id: str, now: Callable[[], str]):
+        super().__init__()
+        self.review = review
+        self.run_id = run_id
+        self.now = now
+
+    def send(self, planned: list[writeback.Planned]) -> list[tuple[Written, bool]]:
+        self.planned += planned
+        results = []
+        for p in planned:
+            action = self.review.record_planned(self.run_id, p.written(None), p.resource, self.now())
+            results.append((p.written(None), action == "create"))
+        return results
+
+
 @dataclass
 class Summary:
     observations_read: int = 0

@@ -106,6 +106,21 @@ CREATE TABLE IF NOT EXISTS runs (
     summary TEXT
 );
 """
+# Only in a dry run's review state (`run --dry-run`): what that run would have sent, for `report`. The live
+# state never has this table, so nothing in it can be mistaken for a write the server accepted.
+_REVIEW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS planned (
+    run_id TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    action TEXT NOT NULL,               -- create | update | withdraw
+    status TEXT NOT NULL,
+    resource TEXT NOT NULL,             -- the validated resource the run would have sent
+    planned_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, resource_type, identifier)
+);
+"""
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,48 @@ class State:
         state = cls(connection)
         _tighten(path)  # -wal and -shm exist now; SQLite gave them the database file's mode
         return state
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> State:
+        """For `report`: reads only, takes no lock, creates and migrates nothing (a cron run may be
+        writing; WAL gives each read transaction a consistent snapshot)."""
+        if not path.is_file():
+            raise ConfigError(f"state.path: {path} does not exist (no run has used it)")
+        try:
+            connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                         timeout=30)
+            connection.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"state.path: cannot read {path}: {exc}") from None
+        state = cls.__new__(cls)
+        state.db = connection
+        state.db.row_factory = sqlite3.Row
+        return state
+
+    def review_copy(self, path: Path, run_id: str, started: str, since: str | None,
+                    until: str | None) -> State:
+        """--dry-run: a copy of this state in its own file (`0600`), for the run to work on and `report`
+        to read afterwards. The live file is only read; an earlier review at `path` is replaced, so a
+        review always starts from the live state as it is now."""
+        live = self.db.execute("PRAGMA database_list").fetchone()["file"]
+        if live and Path(live).resolve() == path.resolve():
+            raise ConfigError("--review-state: must not be the live state file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--review-state: cannot create {path}: {exc}") from None
+        self.db.backup(connection)
+        review = State(connection)
+        review.db.executescript(_REVIEW_SCHEMA)
+        with review.transaction():
+            for key, value in (("review_run_id", run_id), ("review_started", started),
+                               ("review_since", since or ""), ("review_until", until or "")):
+                review.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        return review
 
     def scratch_copy(self) -> State:
         """An in-memory copy for --dry-run: the same run, nothing persisted."""
@@ -498,6 +555,72 @@ class State:
             "SELECT * FROM runs ORDER BY started DESC LIMIT ?", (limit,)
         ).fetchall()
         return [{**dict(row), "summary": json.loads(row["summary"] or "null")} for row in rows]
+
+    # -- review (a dry run's plans; what `report` reads) --------------------------------------------
+    def record_planned(self, run_id: str, item: Written, resource: dict[str, Any], now: str) -> str:
+        """Record a write a dry run would send; return its action (create, update or withdraw)."""
+        known = self.db.execute(
+            "SELECT 1 FROM written WHERE resource_type = ? AND identifier = ?", (item.resource_type, item.identifier)
+        ).fetchone()
+        action = "withdraw" if item.status == "entered-in-error" else "update" if known else "create"
+        # A resource planned twice in one run (two pages of one patient) keeps its first action: the
+        # server would have seen a create, then an update of what was just created.
+        self.db.execute(
+            "INSERT INTO planned VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (run_id, resource_type, identifier)"
+            " DO UPDATE SET status = excluded.status, resource = excluded.resource,"
+            " planned_at = excluded.planned_at,"
+            " action = CASE WHEN excluded.action = 'withdraw' THEN 'withdraw' ELSE planned.action END",
+            (run_id, item.resource_type, item.identifier, item.patient_id, action, item.status,
+             json.dumps(resource, ensure_ascii=False), now),
+        )
+        return action
+
+    def planned(self) -> list[dict[str, Any]]:
+        """A review state's planned writes (none in a live state)."""
+        if not self._has_table("planned"):
+            return []
+        rows = self.db.execute("SELECT * FROM planned ORDER BY patient_id, resource_type, identifier").fetchall()
+        return [{**dict(row), "resource": json.loads(row["resource"])} for row in rows]
+
+    def review(self) -> dict[str, str] | None:
+        """Which dry run this review state holds (None for a live state)."""
+        run_id = self._meta("review_run_id")
+        if run_id is None:
+            return None
+        return {key: self._meta(f"review_{key}") or "" for key in ("run_id", "started", "since", "until")}
+
+    def all_readings(self) -> list[tuple[Reading, Classification]]:
+        rows = self.db.execute("SELECT * FROM observations WHERE outcome = 'classified'").fetchall()
+        return [_reading_row(row) for row in rows]
+
+    def all_written(self) -> list[tuple[Written, str]]:
+        """Every resource we wrote (or, in a review state, would write), with when it was recorded."""
+        rows = self.db.execute("SELECT * FROM written ORDER BY patient_id, resource_type, identifier").fetchall()
+        return [
+            (Written(row["resource_type"], row["identifier"], row["patient_id"], row["status"],
+                     row["content_hash"], row["server_id"], tuple(json.loads(row["evidence"] or "[]"))),
+             row["updated_at"])
+            for row in rows
+        ]
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY started, run_id").fetchall()
+        return [{**dict(row), "summary": json.loads(row["summary"] or "null")} for row in rows]
+
+    def quarantined_effective(self) -> dict[str, str]:
+        """Observation id -> the effective time of the quarantined version, where it has one."""
+        found = {}
+        for resource in self.quarantined_resources():
+            period = resource.get("effectivePeriod")
+            effective = resource.get("effectiveDateTime") or resource.get("effectiveInstant") \
+                or (period.get("start") if isinstance(period, dict) else None)
+            if isinstance(effective, str) and isinstance(resource.get("id"), str):
+                found[resource["id"]] = effective
+        return found
+
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (name,)).fetchone() is not None
 
     def _meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
