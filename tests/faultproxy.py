@@ -130,6 +130,8 @@ class FaultProxy:
         self._plan = _Plan(seed, rate, tuple(kinds), write_applied_share, max_faults)
         self.held = 0  # requests that met `hold`
         self._hold_s = 0.0
+        self._hold_from = 0  # requests received before the hold starts
+        self._received = 0
         self._released = threading.Event()
         self._jitter = random.Random(f"{seed}:jitter")
         self._lock = threading.Lock()
@@ -148,11 +150,12 @@ class FaultProxy:
     def start(self) -> None:
         self._thread.start()
 
-    def hold(self, seconds: float) -> None:
-        """From now on every request waits this long before anything else happens (a hung server or
-        gateway); `stop` releases them. 0 ends it."""
+    def hold(self, seconds: float, after: int = 0) -> None:
+        """Once `after` more requests have passed, every request waits this long before anything else
+        happens (a hung server or gateway); `stop` releases them. 0 seconds ends it."""
         with self._lock:
             self._hold_s = seconds
+            self._hold_from = self._received + after
 
     def stop(self) -> None:
         self._released.set()
@@ -164,7 +167,8 @@ class FaultProxy:
     # -- used by the handler -------------------------------------------------------------------
     def _wait_if_held(self) -> None:
         with self._lock:
-            hold_s = self._hold_s
+            self._received += 1
+            hold_s = self._hold_s if self._received > self._hold_from else 0.0
             self.held += bool(hold_s)
         if hold_s:
             self._released.wait(hold_s)
