@@ -18,6 +18,7 @@ from adapter import config as config_module
 from adapter import metrics
 from adapter import mappings as mappings_module
 from adapter import state as state_module
+from adapter import stopping
 from adapter.config import Config
 from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth, capability
@@ -45,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(str(exc), extra={"event": "error", "error_type": type(exc).__name__,
                                    "exit_code": int(exc.exit_code)})
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        log.error("interrupted", extra={"event": "interrupted"})
-        return int(ExitCode.INTERNAL)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run stops at a safe point instead): every change
+        # to state is one SQLite transaction, so whatever was under way rolled back.
+        log.warning("interrupted", extra={"event": "interrupted", "exit_code": int(ExitCode.STOPPED)})
+        return int(ExitCode.STOPPED)
     except Exception as exc:  # a bug: say what kind, never dump the data it was holding
         log.error("internal error", extra={"event": "internal-error", "error_type": type(exc).__name__},
                   exc_info=args.log_level.upper() == "DEBUG")
@@ -157,7 +159,7 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def _client(config: Config) -> FhirClient:
+def _client(config: Config, stop: stopping.Stop | None = None) -> FhirClient:
     if not config.fhir.base_url:
         raise ConfigError("fhir.base_url: not set; give it in the config or with --fhir-url")
     verify = config.fhir.verify
@@ -179,7 +181,8 @@ def _client(config: Config) -> FhirClient:
     retry = RetryPolicy(attempts=config.fhir.retries + 1, budget_s=config.fhir.retry_budget_s)
     rate = config.fhir.max_requests_per_s
     return FhirClient(config.fhir.base_url, session, timeout_s=config.fhir.timeout_s,
-                      max_pages=config.fhir.max_pages, retry=retry, limit=TokenBucket(rate) if rate else None)
+                      max_pages=config.fhir.max_pages, retry=retry, limit=TokenBucket(rate) if rate else None,
+                      stop=stop)
 
 
 def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
@@ -188,10 +191,11 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
         raise ConfigError("--until needs --since")
     if args.review_state and not args.dry_run:
         raise ConfigError("--review-state: only with --dry-run")
-    code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
-                       window=Window(args.since, args.until), max_duration_s=args.max_duration,
-                       metrics_file=args.metrics_file,
-                       review_path=Path(args.review_state) if args.review_state else None)
+    with stopping.on_signals() as stop:
+        code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
+                           window=Window(args.since, args.until), max_duration_s=args.max_duration,
+                           metrics_file=args.metrics_file, stop=stop,
+                           review_path=Path(args.review_state) if args.review_state else None)
     return code
 
 
@@ -206,13 +210,13 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
              collect_rows: bool = False, out: Any = None,
              metrics_file: str | None = None,
              retry_only: tuple[str, ...] | None = None,
-             review_path: Path | None = None) -> tuple[int, Summary | None]:
+             review_path: Path | None = None, stop: stopping.Stop | None = None) -> tuple[int, Summary | None]:
     """One pass; `retry_only` grades quarantined Observations again (those ids, or all for ()) without
     searching and without moving the watermark. A dry run works on a review copy of the state
     (`review_path`, default beside the state) and leaves it there for `report`: the live state's ledger,
-    watermark and run history stay as they were."""
+    watermark and run history stay as they were. `stop` set (by a signal) ends it at a safe point: exit 6."""
     mappings = mappings_module.load(config.mappings.path)
-    client = _client(config)
+    client = _client(config, stop)
     with state_module.locked(state_path):
         state = State.open(state_path)
         if dry_run:
@@ -237,7 +241,7 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
                 else ServerSink(client, output, config.fhir.max_bundle_entries)
             progress = _Progress() if window.backfill and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
-                      collect_rows=collect_rows, on_page=progress)
+                      collect_rows=collect_rows, on_page=progress, stop=stop)
             summary = run.retry_quarantine(retry_only) if retry_only is not None else run.execute(window)
             if progress:
                 progress.done()
@@ -254,6 +258,8 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
         # Exit 0 promises every observation was written or quarantined with a reason: refused writes are
         # kept and retried, but they are neither, so the run says so with exit 3.
         code = ExitCode.UNREACHABLE if summary.write_failures else ExitCode.OK
+        if summary.stopped:
+            code = ExitCode.STOPPED
         finish(int(code), summary.as_dict())
         log.info("run summary", extra={"event": "run-summary", "dry_run": dry_run, "exit_code": int(code),
                                        "summary": summary.as_dict()})
@@ -371,9 +377,11 @@ def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
     age_s = None
     if watermark:
         age_s = round((datetime.now(timezone.utc) - datetime.fromisoformat(watermark)).total_seconds())
+    resume = state.resume_point()
     report = {
         "watermark": watermark,
         "watermark_age_s": age_s,
+        "resume_point": vars(resume) if resume else None,
         "observations": state.counts_by_outcome(),
         "written": state.written_counts(),
         "last_runs": state.last_runs(10),
@@ -385,6 +393,9 @@ def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
         return 0
     out = sys.stdout
     out.write(f"watermark: {watermark or '-'} (age {age_s if age_s is not None else '-'} s)\n")
+    if resume:
+        out.write(f"resume point: {resume.resume_at} (a pass stopped early; {resume.runs} run(s) so far,"
+                  f" begun {resume.started}): the next run goes on from there\n")
     out.write(f"observations: {report['observations']}\nwritten: {report['written']}\n\nlast runs:\n")
     for r in report["last_runs"]:
         s = r["summary"] or {}
@@ -405,7 +416,8 @@ def _cmd_quarantine(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
     path = Path(config.state.path)
     if args.action == "retry":
-        code, _ = run_once(config, path, run_id, retry_only=tuple(args.ids))
+        with stopping.on_signals() as stop:
+            code, _ = run_once(config, path, run_id, retry_only=tuple(args.ids), stop=stop)
         return code
     with state_module.locked(path):
         state = State.open(path)

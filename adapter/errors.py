@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3
     AUTH = 4
     LOCKED = 5
+    STOPPED = 6
 
 
 class AdapterError(Exception):
@@ -58,3 +59,10 @@ class AuthError(AdapterError):
 
 class LockHeldError(AdapterError):
     exit_code = ExitCode.LOCKED
+
+
+class Stopped(AdapterError):
+    """SIGTERM or SIGINT: the run stops at a safe point. Not a FhirError, so no retry or per-patient
+    fallback ever swallows it on its way out."""
+
+    exit_code = ExitCode.STOPPED

@@ -29,6 +29,11 @@ def write(path: Path, state: State, summary: dict[str, Any], exit_code: int, htt
     ):
         if iso:
             gauge(name, doc).set(datetime.fromisoformat(iso).timestamp())
+    resume = state.resume_point()
+    if resume:  # a pass stopped early, not finished yet: how far it has got (server clock)
+        gauge("anc_adapter_resume_point_timestamp_seconds",
+              "Where the next run goes on, while a pass stopped early is not finished").set(
+            datetime.fromisoformat(resume.resume_at).timestamp())
     gauge("anc_adapter_quarantine_size", "Observations in quarantine now").set(len(state.quarantined()))
     gauge("anc_adapter_write_failures", "Patients whose writes the server refused, retried every run").set(
         len(state.write_failures()))

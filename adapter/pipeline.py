@@ -4,13 +4,15 @@ For each page: extract -> normalise -> classify -> record in a SQLite transactio
 send them as one FHIR transaction -> commit. The SQLite transaction commits only after the server
 accepted every write, so a crash anywhere leaves state with only what the server has; writes are
 conditional updates keyed by our identifiers, so the rerun repeats them without duplicating anything.
-The watermark moves only at the end of a complete, stable pass."""
+The watermark moves only at the end of a complete, stable pass; a pass stopped early (--max-duration, a
+signal) leaves a resume point, so a backlog drains over several runs (see Run._finish_live)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -20,12 +22,12 @@ from typing import Any, Protocol
 
 from adapter import classify, crashpoints, derive, extract, source, writeback
 from adapter.config import Config
-from adapter.errors import FhirError, PermanentHttpError, SearchTruncated
+from adapter.errors import FhirError, PermanentHttpError, SearchTruncated, Stopped
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
 from adapter.model import Classification, DeriveInput, Quarantine, Reading
-from adapter.state import DELETED, State, Written
+from adapter.state import DELETED, ResumePoint, State, Written
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,9 @@ class Summary:
     pages: int = 0
     http_requests: int = 0
     complete: bool = False
+    stopped: bool = False  # a SIGTERM/SIGINT cut the pass short (exit 6)
     watermark: str | None = None
+    resume_at: str | None = None  # where the next run goes on, when the pass is not finished
     duration_s: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)  # per classified count, for the demo table
 
@@ -151,7 +155,9 @@ class Summary:
             "pages": self.pages,
             "http_requests": self.http_requests,
             "complete": self.complete,
+            "stopped": self.stopped,
             "watermark": self.watermark,
+            "resume_at": self.resume_at,
             "duration_s": round(self.duration_s, 3),
         }
 
@@ -181,6 +187,7 @@ class Run:
         max_duration_s: float | None = None,
         collect_rows: bool = False,
         on_page: Callable[[Summary, int | None], None] | None = None,
+        stop: threading.Event | None = None,
     ):
         self.config = config
         self.mappings = mappings
@@ -191,39 +198,50 @@ class Run:
         self.max_duration_s = max_duration_s
         self.collect_rows = collect_rows
         self.on_page = on_page
+        self.stop = stop
         self.patients = source.Patients(client)
         self.output = output
         self.input_kinds = mappings.input_kinds() if config.classify.derive else None
         self.summary = Summary()
         self._abnormal: set[str] = set()
         self._failing: set[str] = set()  # patients whose writes the server refused
-        self._max_seen: datetime | None = None
-        self._stable = True
+        self._resumed: ResumePoint | None = None
+        self._max_seen: datetime | None = None  # highest lastUpdated of the pass's committed pages
+        self._run_max: datetime | None = None  # … of this run's committed pages
+        self._page_max: datetime | None = None  # … of the page being processed (not committed yet)
+        self._reread_from: datetime | None = None  # the result set moved under us: read again from here
 
     def execute(self, window: Window = Window()) -> Summary:
         started = time.monotonic()
-        self._pass_started = self.now()
+        self._run_started = self.now()
         self.state.start_pass()
-        self._retry_quarantine()
-        self._retry_write_failures()
-        if not window.backfill:
-            self._withdraw_deleted()
-        since = window.since if window.backfill else self._live_since()
         codes = self.mappings.anc_codes + tuple(sorted(self.input_kinds or {}))
-        params = source.search_params(codes, since, window.until, self.config.fhir.page_size)
-        complete = True
+        search = source.code_param(codes)
+        if window.backfill:
+            self._pass_since = self._run_since = window.since
+        else:
+            self._begin_live(search)
+        params = source.search_params(codes, self._run_since, window.until, self.config.fhir.page_size)
+        stopped_early = True
         try:
-            complete = self._read(params, started)
+            self._retry_quarantine()
+            self._retry_write_failures()
+            if not window.backfill:
+                self._withdraw_deleted()
+            stopped_early = self._read(params, started)
         except SearchTruncated as exc:
             log.warning("the search stopped early; the watermark stays", extra={"event": "search-truncated",
                                                                                  "error": str(exc)})
-            complete = False
-        self.summary.complete = complete
-        if complete and not window.backfill and self._stable and self._max_seen is not None:
-            with self.state.transaction():
-                self.state.set_watermark(_iso(self._max_seen))
-        elif not self._stable:
-            log.warning("watermark kept: an Observation changed while we paged, the window is read again",
+        except Stopped:
+            self.summary.stopped = True  # a wait on the server was given up; that page rolled back
+        self.summary.complete = not stopped_early
+        if self.summary.stopped:
+            log.warning("stopped at a safe point; the next run resumes", extra={
+                "event": "stopped", "signal": getattr(self.stop, "signal_name", None)})
+        if not window.backfill:
+            self._finish_live(search, complete=not stopped_early)
+        elif self._reread_from is not None:
+            log.warning("an Observation changed while we paged: run this backfill again to be sure",
                         extra={"event": "unstable-pass"})
         self.summary.watermark = self.state.watermark()
         self.summary.http_requests = self.client.request_count
@@ -231,19 +249,95 @@ class Run:
         return self.summary
 
     def _read(self, params: dict[str, Any], started: float) -> bool:
-        """Process every page; False when --max-duration stopped it first."""
+        """Process every page; True when a stop or --max-duration ended it first. The checks come after a
+        page's state committed (or before any of it was processed): the safe points."""
         for page in source.pages(self.client, params):
+            if self._stop_requested():
+                return True
             self.summary.pages += 1
             crashpoints.reach("page-read")
             self.patients.add(page.patients)
             self.summary.malformed += page.malformed
+            self._page_max = None
             self._process(page.observations, retry=False)
+            self._run_max = _later(self._run_max, self._page_max)  # committed: it may be resumed after
+            self._max_seen = _later(self._max_seen, self._page_max)
             if self.on_page:
                 self.on_page(self.summary, page.total)
+            if page.last:
+                break
+            if self._stop_requested():
+                return True
             if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
                 log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
-                return False
-        return True
+                return True
+        return False
+
+    def _stop_requested(self) -> bool:
+        if self.stop is not None and self.stop.is_set():
+            self.summary.stopped = True
+        return self.summary.stopped
+
+    def _begin_live(self, search: str) -> None:
+        point = self.state.resume_point()
+        if point is not None and point.search != search:
+            # Codes added since: the part of the pass already read never searched for them, and the
+            # watermark at its end would pass them by.
+            log.warning("the searched codes changed: the resume point is dropped, reading from the watermark",
+                        extra={"event": "resume-point-dropped"})
+            point = None
+        self._resumed = point
+        if point is None:
+            self._pass_since = self._run_since = self._live_since()
+            return
+        self._pass_since = datetime.fromisoformat(point.since)
+        self._run_since = datetime.fromisoformat(point.resume_at)
+        self._max_seen = datetime.fromisoformat(point.max_seen) if point.max_seen else None
+        log.info("resuming the pass a previous run stopped", extra={
+            "event": "resumed", "resume_at": point.resume_at, "runs_so_far": point.runs})
+
+    def _finish_live(self, search: str, complete: bool) -> None:
+        """Move the watermark at the end of a complete, stable pass; otherwise keep a resume point.
+
+        Why resuming at `_lastUpdated=ge<R>` is safe, R being the highest lastUpdated of the pages this run
+        committed (never later than this run's start):
+        - The search is sorted by _lastUpdated ascending, so every entry before R was on a committed page;
+          entries stamped exactly R are read again and the ledger skips them. (R is sent to the
+          millisecond, rounded down: rounding down only re-reads more.)
+        - Commit lag (an entry committed late with an older lastUpdated) is covered exactly as in one long
+          pass: the watermark at the end of the pass is the highest lastUpdated of the whole pass, and the
+          next pass reads from it minus the overlap.
+        - The result set moving under offset paging: each run's search is a new query, so only a change
+          during a run's own paging can make it skip an entry. Within a run, an id read twice (the
+          existing check) means its set moved: read again from where the run began. An entry changed
+          after an earlier run of this pass read it (a new version whose previous version's lastUpdated
+          lies in the part of the pass already read) may have moved while that run paged, sliding the
+          next entry back past a page boundary; that entry's lastUpdated is after the changed entry's
+          old one, so reading again from that old lastUpdated finds it.
+        - The cap: a lastUpdated later than the start of the run that read it (a server clock ahead of
+          ours, a bogus date) counts as that start, for the resume point as for the watermark: each run
+          is a pass of its own as far as clocks go, and the watermark at the end is at most the start of
+          the last run.
+        - A pass whose re-read point is set is not finished even when its search reached the end."""
+        if complete and self._reread_from is None:
+            with self.state.transaction():
+                if self._max_seen is not None:
+                    self.state.set_watermark(_iso(self._max_seen))
+                self.state.set_resume_point(None)
+            return
+        resume = self._run_since if complete else (self._run_max or self._run_since)
+        if self._reread_from is not None:
+            log.warning("an Observation changed while we paged: part of the window is read again",
+                        extra={"event": "unstable-pass", "reread_from": _iso(self._reread_from)})
+            resume = min(resume, self._reread_from)
+        previous = self._resumed
+        point = ResumePoint(search=search, since=_iso(self._pass_since), resume_at=_iso(resume),
+                            max_seen=_iso(self._max_seen) if self._max_seen else None,
+                            runs=(previous.runs if previous else 0) + 1,
+                            started=previous.started if previous else _iso(self._run_started))
+        with self.state.transaction():
+            self.state.set_resume_point(point)
+        self.summary.resume_at = point.resume_at
 
     def _retry_write_failures(self) -> None:
         self._failing = {f["patient_id"] for f in self.state.write_failures()}
@@ -416,6 +510,8 @@ class Run:
         if not retry and prior is not None and prior.covers(seen.version, seen.last_updated):
             self.summary.already_processed += 1
             return set()
+        if not retry and prior is not None:
+            self._note_changed(prior)
         # The patient it was filed to before must be re-planned too (a result moved to another patient).
         touched = {prior.patient_id} if prior is not None and prior.patient_id else set()
         outcome = extracted.outcome
@@ -519,20 +615,34 @@ class Run:
                                  self.mappings.thresholds, lln)
 
     def _note_pass(self, seen: extract.Seen) -> None:
-        # An id read twice in one pass means the result set changed under offset paging: everything after
-        # its old place slid back, and an entry may have slid past a page boundary unseen. Such a pass must
-        # not move the watermark. (The ids live in a temporary SQLite table, not in our memory.)
+        # An id read twice in one run's search means the result set changed under offset paging:
+        # everything after its old place slid back, and an entry may have slid past a page boundary
+        # unseen. The window this run searched is read again before the watermark may move. (The ids
+        # live in a temporary SQLite table, not in our memory.)
         if self.state.seen_before_in_pass(seen.observation_id):
-            self._stable = False
+            self._reread(self._run_since)
         updated = extract.parse_datetime(seen.last_updated)
         if updated is None:
             return
-        if updated > self._pass_started:
-            # Stamped after this pass began (a clock ahead of ours, or a bogus date): a watermark there
-            # would hide everything written before it, so it never moves past the pass start.
-            updated = self._pass_started
-        if self._max_seen is None or updated > self._max_seen:
-            self._max_seen = updated
+        if updated > self._run_started:
+            # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
+            # would hide everything written before it, so it never moves past the run's start.
+            updated = self._run_started
+        self._page_max = _later(self._page_max, updated)
+
+    def _note_changed(self, prior: Any) -> None:
+        """A new version of an Observation this state had read. If its previous version lay in the part of
+        this pass that earlier runs read, it may have moved while one of them paged (see _finish_live)."""
+        if self._run_since <= self._pass_since:
+            return  # the pass's first run: the check above covers it
+        before = extract.parse_datetime(prior.last_updated)
+        if before is None:  # not known (an older state row): the whole pass is read again
+            self._reread(self._pass_since)
+        elif self._pass_since <= before < self._run_since:
+            self._reread(before)
+
+    def _reread(self, moment: datetime) -> None:
+        self._reread_from = moment if self._reread_from is None else min(self._reread_from, moment)
 
     def _row(self, reading: Reading, result: Classification) -> None:
         if not self.collect_rows:
@@ -544,6 +654,10 @@ class Run:
             "grade": ("at least " if result.at_least else "") + result.grade.value,
             "age_band": result.age_band.value,
         })
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _iso(moment: datetime) -> str:

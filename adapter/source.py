@@ -24,12 +24,13 @@ class Page:
     patients: dict[str, Patient] = field(default_factory=dict)
     malformed: int = 0  # entries that are neither an Observation nor a Patient we can use
     total: int | None = None  # Bundle.total when the server gives it (for the progress bar)
+    last: bool = False  # no next link: a stop after this page would not cut the pass short
 
 
 def search_params(codes: tuple[Coding, ...], since: datetime | None, until: datetime | None,
                   page_size: int) -> dict[str, Any]:
     params: dict[str, Any] = {
-        "code": ",".join(f"{system}|{code}" for system, code in codes),
+        "code": code_param(codes),
         "_count": page_size,
         "_include": "Observation:subject",
         "_sort": "_lastUpdated",
@@ -44,10 +45,16 @@ def search_params(codes: tuple[Coding, ...], since: datetime | None, until: date
     return params
 
 
+def code_param(codes: tuple[Coding, ...]) -> str:
+    return ",".join(f"{system}|{code}" for system, code in codes)
+
+
 def pages(client: FhirClient, params: dict[str, Any]) -> Iterator[Page]:
     for bundle in client.search("Observation", params):
         total = bundle.get("total")
-        page = Page(observations=[], total=total if isinstance(total, int) else None)
+        links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
+        page = Page(observations=[], total=total if isinstance(total, int) else None,
+                    last=not any(isinstance(link, dict) and link.get("relation") == "next" for link in links))
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             kind = resource.get("resourceType") if isinstance(resource, dict) else None
@@ -151,4 +158,9 @@ class Patients:
 
 
 def _instant(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC, to the millisecond when there is one (a resume point sits between two entries a few ms
+    apart), rounded down: a lower bound that is early only re-reads what the ledger skips."""
+    utc = moment.astimezone(timezone.utc)
+    if utc.microsecond // 1000:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")

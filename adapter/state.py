@@ -168,6 +168,19 @@ class Ledgered:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """A live pass that a run stopped early (--max-duration, a signal, a page cap): the next run goes on
+    from `resume_at` instead of the watermark. Why that is safe: pipeline.Run._finish_live."""
+
+    search: str  # the searched codes: a pass searching for other codes starts again from the watermark
+    since: str  # where the pass began (watermark − overlap, or now − lookback)
+    resume_at: str  # the next run searches _lastUpdated=ge this
+    max_seen: str | None  # highest lastUpdated read so far in the pass (capped): the watermark-to-be
+    runs: int  # runs the pass has taken so far
+    started: str  # our clock when its first run started
+
+
+@dataclass(frozen=True)
 class QuarantineEntry:
     observation_id: str
     version: str
@@ -306,6 +319,17 @@ class State:
 
     def set_watermark(self, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('watermark', ?)", (value,))
+
+    def resume_point(self) -> ResumePoint | None:
+        stored = self._meta("resume_point")
+        return ResumePoint(**json.loads(stored)) if stored else None
+
+    def set_resume_point(self, point: ResumePoint | None) -> None:
+        if point is None:
+            self.db.execute("DELETE FROM meta WHERE key = 'resume_point'")
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('resume_point', ?)",
+                            (json.dumps(vars(point)),))
 
     # -- ledger ----------------------------------------------------------------------------------
     def ledger(self, observation_id: str) -> Ledgered | None:

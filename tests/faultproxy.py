@@ -128,6 +128,11 @@ class FaultProxy:
         self.requests: Counter[str] = Counter()  # requests received, by method
         self.forwarded: Counter[str] = Counter()  # requests the upstream server answered, by method
         self._plan = _Plan(seed, rate, tuple(kinds), write_applied_share, max_faults)
+        self.held = 0  # requests that met `hold`
+        self._hold_s = 0.0
+        self._hold_from = 0  # requests received before the hold starts
+        self._received = 0
+        self._released = threading.Event()
         self._jitter = random.Random(f"{seed}:jitter")
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler, self)
@@ -145,13 +150,29 @@ class FaultProxy:
     def start(self) -> None:
         self._thread.start()
 
+    def hold(self, seconds: float, after: int = 0) -> None:
+        """Once `after` more requests have passed, every request waits this long before anything else
+        happens (a hung server or gateway); `stop` releases them. 0 seconds ends it."""
+        with self._lock:
+            self._hold_s = seconds
+            self._hold_from = self._received + after
+
     def stop(self) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()
         self._thread.join(timeout=5)
 
     # -- used by the handler -------------------------------------------------------------------
+    def _wait_if_held(self) -> None:
+        with self._lock:
+            self._received += 1
+            hold_s = self._hold_s if self._received > self._hold_from else 0.0
+            self.held += bool(hold_s)
+        if hold_s:
+            self._released.wait(hold_s)
+
     def _decide(self, method: str) -> Fault | None:
         fault = self._plan.next(method)
         with self._lock:
@@ -211,6 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
+        proxy._wait_if_held()
         fault = proxy._decide(self.command)
         if fault is not None and fault.kind == SLOW:
             time.sleep(proxy._delay())

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -26,8 +26,11 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+from tenacity.stop import stop_base
 
-from adapter.errors import AuthError, FhirError, PermanentHttpError, SearchTruncated, TransientHttpError
+from adapter.errors import (
+    AuthError, FhirError, PermanentHttpError, SearchTruncated, Stopped, TransientHttpError,
+)
 from adapter.fhir.throttle import ThrottledAdapter, TokenBucket
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ _TRANSPORT_ERRORS = (
 )
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
+_STOP_POLL_S = 0.1  # how often a wait on the server looks for a stop request (SIGTERM/SIGINT)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class FhirClient:
         retry: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], None] = time.sleep,
         limit: TokenBucket | None = None,
+        stop: threading.Event | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.session = session
@@ -91,6 +96,7 @@ class FhirClient:
         if limit is not None:  # [fhir] max_requests_per_s; the token endpoint has its own session, unlimited
             for scheme in ("https://", "http://"):
                 session.mount(scheme, ThrottledAdapter(limit))
+        self.stop = stop  # set by a signal (adapter/stopping.py): waits on the server give up at once
         self.requests_by_status: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         session.headers.setdefault("Accept", FHIR_JSON)
@@ -102,6 +108,9 @@ class FhirClient:
     @property
     def request_count(self) -> int:
         return sum(self.requests_by_status.values())
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def get(self, path_or_url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("GET", self._url(path_or_url), params=params)
@@ -116,40 +125,44 @@ class FhirClient:
         The next page is fetched in the background while the caller works on this one, so the server
         pages while we classify and write (reads only: nothing about commit order changes)."""
         seen_links: set[str] = set()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-            pending = prefetch.submit(self._call, "GET", f"{self.base_url}/{resource_type}", params, None)
-            try:
-                for _ in range(self.max_pages):
-                    bundle = pending.result()
-                    if bundle.get("resourceType") != "Bundle":
-                        raise PermanentHttpError(
-                            f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
-                    entries = bundle.get("entry")
-                    if entries is not None and not isinstance(entries, list):
-                        raise PermanentHttpError("search answered a Bundle whose entry is not a list")
-                    if not entries:
-                        return
-                    refused: PermanentHttpError | None = None
-                    try:
-                        url = self._next_link(bundle)
-                    except PermanentHttpError as exc:  # this page is good: hand it over, then refuse
-                        url, refused = None, exc
-                    looped = url in seen_links
-                    if looped:
-                        url = None
-                    if url is not None:
-                        seen_links.add(url)
-                        pending = prefetch.submit(self._call, "GET", url, None, None)
-                    yield bundle
-                    if refused is not None:
-                        raise refused
-                    if looped:
-                        raise SearchTruncated("paging stopped: the server repeated a next link")
-                    if url is None:
-                        return
-                raise SearchTruncated(f"paging stopped at the page cap ({self.max_pages} pages)")
-            finally:
-                pending.cancel()
+        if self._stopping():
+            raise Stopped("stop requested")
+        pending = _background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
+        try:
+            for _ in range(self.max_pages):
+                bundle = self._await(pending)
+                if bundle.get("resourceType") != "Bundle":
+                    raise PermanentHttpError(
+                        f"search answered a {bundle.get('resourceType')!r}, not a Bundle")
+                entries = bundle.get("entry")
+                if entries is not None and not isinstance(entries, list):
+                    raise PermanentHttpError("search answered a Bundle whose entry is not a list")
+                if not entries:
+                    return
+                refused: PermanentHttpError | None = None
+                try:
+                    url = self._next_link(bundle)
+                except PermanentHttpError as exc:  # this page is good: hand it over, then refuse
+                    url, refused = None, exc
+                looped = url in seen_links
+                if looped:
+                    url = None
+                if url is not None:
+                    seen_links.add(url)
+                    pending = _background(self._attempts, "GET", url, None, None)
+                yield bundle
+                if refused is not None:
+                    raise refused
+                if looped:
+                    raise SearchTruncated("paging stopped: the server repeated a next link")
+                if url is None:
+                    return
+            raise SearchTruncated(f"paging stopped at the page cap ({self.max_pages} pages)")
+        finally:
+            # A search ended early lets its prefetch finish first, as before; after a stop it is left
+            # to its daemon thread (a read: nothing depends on it).
+            while not pending.done() and not self._stopping():
+                wait([pending], timeout=_STOP_POLL_S)
 
     def _next_link(self, bundle: dict[str, Any]) -> str | None:
         links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
@@ -170,18 +183,43 @@ class FhirClient:
         return f"{self.base_url}/{path_or_url.lstrip('/')}"
 
     def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
+        if self.stop is None:
+            return self._attempts(method, url, params, body)
+        if self.stop.is_set():
+            raise Stopped("stop requested")  # nothing new is sent after a stop
+        return self._await(_background(self._attempts, method, url, params, body))
+
+    def _await(self, pending: Future) -> dict[str, Any]:
+        """The call's result; with a stop installed, give up waiting as soon as a stop is requested.
+        The request is left to its daemon thread: given up, a read costs nothing, and a write is
+        either applied or not — the page's state rolls back and the rerun repeats the idempotent PUT."""
+        if self.stop is not None:
+            while not pending.done():
+                if self.stop.is_set():
+                    raise Stopped("stop requested: the request in flight is given up")
+                wait([pending], timeout=_STOP_POLL_S)
+        return pending.result()
+
+    def _attempts(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientHttpError),
             wait=_wait_honouring_retry_after(
                 wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_wait_s)
                 + wait_random(0, self.retry.initial_s)
             ),
-            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.budget_s),
+            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.budget_s)
+            | _stop_requested(self._stopping),
             reraise=True,
             before_sleep=_log_retry,
-            sleep=self._sleep,
+            sleep=self._pause,
         )
         return retrying(self._once, method, url, params, body)
+
+    def _pause(self, seconds: float) -> None:
+        if self.stop is not None:
+            self.stop.wait(seconds)  # (a background thread: a stop ends the backoff early)
+        else:
+            self._sleep(seconds)
 
     def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
@@ -213,6 +251,33 @@ class FhirClient:
         if not isinstance(parsed, dict):
             raise TransientHttpError(f"{method} answered {status} with JSON that is not a resource")
         return parsed
+
+
+def _background(call: Callable[..., dict[str, Any]], *args: Any) -> Future:
+    """Run one call on a daemon thread. A ThreadPoolExecutor's workers are joined when the interpreter
+    exits, so a request given up after a stop would hold the exit for its whole timeout; this does not."""
+    future: Future = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(call(*args))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="fhir-call", daemon=True).start()
+    return future
+
+
+class _stop_requested(stop_base):
+    """Retry no more once a stop is requested (the caller has given up waiting anyway)."""
+
+    def __init__(self, stopping: Callable[[], bool]):
+        self.stopping = stopping
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.stopping()
 
 
 def _tls_error(method: str, url: str, exc: requests.exceptions.SSLError) -> Exception:
