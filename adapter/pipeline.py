@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from adapter import classify, crashpoints, derive, extract, source, writeback
+from adapter import crashpoints, extract, source, writeback
+from adapter.clinical import classify, derive
 from adapter.config import Config
 from adapter.errors import PermanentHttpError, SearchTruncated
 from adapter.extract import WITHDRAWN_STATUSES

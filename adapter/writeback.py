@@ -16,7 +16,7 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from adapter.episodes import Episode, Graded, episodes
+from adapter.clinical.episodes import Episode, Graded, episodes
 from adapter.errors import PermanentHttpError
 from adapter.model import Grade
 from adapter.state import Written
