@@ -108,6 +108,9 @@ def test_demo_runs_the_main_job_on_the_embedded_default(capsys):
     assert main(["demo", "--log-format", "json"]) == 0
     out = capsys.readouterr().out
     assert "demo-adult-severe" in out and "severe" in out
-    assert "Flags on the server with our tag, read back: 4" in out
-    assert "Second run (idempotence): read=7 created=0 updated=0; Flags on the server: 4" in out
+    assert "Flags on the server with our tag, read back: 5" in out
+    assert "Second run (idempotence): read=8 created=0 updated=0; Flags on the server: 5" in out
+    # The febrile sample after chemotherapy (issue 11): the emergency is said first, with its evidence.
+    assert "priority PH" in out and "Febrile neutropenia: temperature 38.6 °C at " in out
+    assert "after chemotherapy: cyclophosphamide on " in out and "(10 days before this count)" in out
     assert "quarantined" in out  # the sample with an unknown unit
