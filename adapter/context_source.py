@@ -95,6 +95,26 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
     return found
 
 
+def coverage(declared: Mapping[str, frozenset[str]],
+             switches: ContextConfig) -> list[tuple[str, list[str], bool, bool]]:
+    """For `check`: per context search, whether the read around new counts and the poll of live patients
+    will be sent (the run sends only what the server declares)."""
+    kinds = []
+    if switches.febrile:
+        kinds.append(("Observation", {"code"}))
+    if switches.chemotherapy:
+        kinds += [("MedicationAdministration", set()), ("MedicationRequest", set()), ("Procedure", set())]
+    if switches.duffy_null:
+        kinds.append(("Condition", {"code"}))
+    rows = []
+    for kind, extra in kinds:
+        have = declared.get(kind, frozenset())
+        around = {"subject", *extra} | ({_DATE_PARAM[kind]} if kind in _DATE_PARAM else set())
+        poll = {"subject", "_lastUpdated", *extra}
+        rows.append((kind, sorted(around | poll), around <= have, poll <= have))
+    return rows
+
+
 def _searches(mappings: ContextMappings, switches: ContextConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     if switches.febrile:
         yield "Observation", {"code": ",".join(f"{s}|{c}" for s, c in mappings.temperature_codes)}

@@ -56,7 +56,27 @@ def check(client: FhirClient, config: Config) -> Report:
         report.add(False, f"search Observation: {exc}")
     for ok, text in interactions(statement, config):
         report.add(ok, text)
+    for ok, text in context_searches(statement, config):
+        report.add(ok, text)
     return report
+
+
+def context_searches(statement: dict[str, Any], config: Config) -> list[tuple[bool, str]]:
+    """Clinical context (CONTRACT §5b): `run` sends a context search only when the server declares every
+    parameter it uses, and writes the alert without that context otherwise — never a failure."""
+    from adapter import context_source
+
+    lines = []
+    for kind, params, around, poll in context_source.coverage(context_source.searchable(statement),
+                                                               config.context):
+        if around and poll:
+            lines.append((True, f"context: search {kind} by {', '.join(params)}"))
+        else:
+            missing = " and ".join(what for what, sent in (("around new counts", around),
+                                                           ("for late changes", poll)) if not sent)
+            lines.append((True, f"context: {kind} is not read {missing}: the CapabilityStatement does not "
+                                f"declare the search parameters (the alert is written without it)"))
+    return lines
 
 
 CONDITIONAL = "conditional"  # PUT [type]?identifier=system|value: the server finds or creates it

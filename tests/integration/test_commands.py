@@ -20,6 +20,10 @@ def test_check_reports_ready_against_the_local_server(fhir_server, capsys, tmp_p
     assert "FAIL" not in out and out.rstrip().endswith("ready")
     assert "[ok] write Flag: conditional update by identifier" in out
     assert "[ok] write RiskAssessment: update-as-create" in out
+    # Clinical context: every search `run` will send is declared by the local server (issue 11).
+    assert "[ok] context: search Observation by _lastUpdated, code, date, subject" in out
+    assert "[ok] context: search MedicationAdministration by _lastUpdated, effective-time, subject" in out
+    assert "not read" not in out
 
 
 def test_check_exit_codes_for_unreachable_and_bad_config(tmp_path, capsys):
