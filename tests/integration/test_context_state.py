@@ -122,3 +122,21 @@ def test_context_switched_off_says_nothing(fhir_server, tmp_path, capsys):
     [flag] = fhir_server.flags("p")
     assert flag["code"]["text"] == "Moderate neutropenia: ANC 900 cells/µL on 2026-11-20"
     assert details(flag) == ["Observation/o1"] and not febrile(flag)
+
+
+def test_without_flags_a_late_fever_still_reaches_the_open_episode_s_risk_assessment(fhir_server, tmp_path):
+    config = config_file(tmp_path, fhir_server.base_url)
+    config.write_text(config.read_text().replace('resources = ["Flag", "RiskAssessment"]',
+                                                 'resources = ["RiskAssessment"]'))
+    fhir_server.load(patient("p"), anc("o1", "p", 0.3, effective=at()))
+    assert run(config).returncode == 0
+    [before] = fhir_server.risk_assessments("p")
+    assert before["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
+    assert not before["code"]["text"].startswith("Febrile")
+
+    fhir_server.load(temperature("t1", "p", 38.5, at(hours=6)))
+    assert run(config).returncode == 0
+    [after] = fhir_server.risk_assessments("p")
+    assert after["status"] == "amended"
+    assert after["code"]["text"].startswith("Febrile neutropenia: temperature 38.5 °C at 2026-11-20T14:00Z")
+    assert "Observation/t1" in {b["reference"] for b in after["basis"]}
