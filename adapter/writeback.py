@@ -443,7 +443,7 @@ def _text(assessed: AssessedCount, fever: Fever | None) -> str:
 def _fever_text(fever: Fever) -> str:
     if fever.sustained:
         first, last = fever.readings[0], fever.readings[-1]
-        return f"temperature ≥ 38.0 °C from {_minute(first.time)} to {_minute(last.time)}"
+        return f"temperature ≥ {fever.threshold:.1f} °C from {_minute(first.time)} to {_minute(last.time)}"
     reading = fever.readings[0]
     recorded = f" ({reading.recorded} as recorded)" if reading.recorded else ""
     return f"temperature {reading.celsius:.1f} °C{recorded} at {_minute(reading.time)}"

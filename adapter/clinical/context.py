@@ -52,6 +52,7 @@ class Fever:
 
     readings: tuple[Temperature, ...]
     sustained: bool
+    threshold: float = 38.0  # the sustained rule's threshold, said in the text of a sustained fever
 
     @property
     def evidence(self) -> tuple[str, ...]:
@@ -87,7 +88,7 @@ def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileR
     if not qualifying:
         return None
     longest = max(qualifying, key=lambda run: (run[-1].time - run[0].time, -run[0].time.timestamp()))
-    return Fever(tuple(longest), sustained=True)
+    return Fever(tuple(longest), sustained=True, threshold=rules.sustained_celsius)
 
 
 def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, datetime, float],
