@@ -19,6 +19,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from adapter.clinical.assess import AssessedCount, AssessedEpisode, Assessment
 from adapter.clinical.context import Fever, days_before
+from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
 from adapter.model import Grade
 from adapter.state import Written
@@ -158,7 +159,7 @@ def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Writte
     ]
 
 
-def _new_identifier(patient_id: str, episode: Any, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
+def _new_identifier(patient_id: str, episode: Episode, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
     base = scoped(patient_id, episode.first[0].observation_id)
     identifier, n = base, 1
     while identifier in taken or identifier in wanted:
