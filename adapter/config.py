@@ -97,6 +97,21 @@ class MappingsConfig:
 
 
 @dataclass(frozen=True)
+class ContextConfig:
+    """Clinical context around a count (CONTRACT §5b); each part can be switched off."""
+
+    febrile: bool = True
+    projection: bool = True
+    chemotherapy: bool = True
+    duffy_null: bool = True
+    chemotherapy_lookback: str = "P42D"
+
+    @property
+    def chemotherapy_lookback_delta(self) -> timedelta:
+        return parse_duration(self.chemotherapy_lookback, "context.chemotherapy_lookback")
+
+
+@dataclass(frozen=True)
 class TrustedClient:
     """A CDS client (an EHR) allowed to call `serve`, and where its JWT signing keys are."""
 
@@ -134,6 +149,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     state: StateConfig = field(default_factory=StateConfig)
     mappings: MappingsConfig = field(default_factory=MappingsConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def with_overrides(self, **sections: dict[str, Any]) -> Config:
@@ -272,6 +288,8 @@ def _validated(config: Config) -> Config:
         raise bad("poll.statuses", "must not be empty")
     config.poll.lookback  # noqa: B018 - parses, raising ConfigError naming the key
     config.poll.overlap_delta  # noqa: B018
+    if config.context.chemotherapy_lookback_delta <= timedelta(0):
+        raise bad("context.chemotherapy_lookback", "must be a positive duration such as 'P42D'")
     _validated_serve(config.serve)
     return config
 

@@ -24,6 +24,7 @@ SAMPLES: tuple[tuple[str, str | None, float, str, str], ...] = (
     ("demo-child-mild", "2020-05-20", 1.3, "K/uL", "child 6 y, mild (lab alias K/uL)"),
     ("demo-infant-normal", "AGE_6_MONTHS", 1.2, "10*3/uL", "infant, 1200 is normal under 1 year"),
     ("demo-unknown-unit", "1980-02-02", 1.1, "mmol/L", "unknown unit: quarantined, not guessed"),
+    ("demo-febrile", "1962-04-18", 0.25, "10*3/uL", "severe, fever 2 h later, 10 d after chemotherapy"),
 )
 # The go-live review part of the demo: one more patient's history (10*3/uL, days before today), graded by
 # a dry run over the past weeks. A fall to severe that recovers (episode 1: its Flag would be inactive),
@@ -32,6 +33,32 @@ COURSE_PATIENT, COURSE_BORN = "demo-chemo-course", "1962-04-09"
 COURSE: tuple[tuple[int, float], ...] = (
     (27, 4.1), (20, 2.2), (16, 1.1), (13, 0.42), (10, 0.28), (7, 0.9), (4, 1.8), (1, 1.3),
 )
+
+FEBRILE = "demo-febrile"
+SNOMED = "http://snomed.info/sct"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def _febrile_context(patient_id: str, count_time: datetime) -> list[dict[str, Any]]:
+    """What makes the febrile sample febrile neutropenia after chemotherapy: a body temperature (LOINC
+    8310-5) of 38.6 °C two hours after the count and a cyclophosphamide infusion ten days before it."""
+    def instant(moment: datetime) -> str:
+        return moment.isoformat().replace("+00:00", "Z")
+
+    return [
+        {"resourceType": "Observation", "id": f"temp-{patient_id}", "status": "final",
+         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                   "code": "vital-signs"}]}],
+         "code": {"coding": [{"system": LOINC, "code": "8310-5", "display": "Body temperature"}]},
+         "subject": {"reference": f"Patient/{patient_id}"},
+         "effectiveDateTime": instant(count_time + timedelta(hours=2)),
+         "valueQuantity": {"value": 38.6, "unit": "°C", "system": UCUM, "code": "Cel"}},
+        {"resourceType": "MedicationAdministration", "id": f"chemo-{patient_id}", "status": "completed",
+         "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "3002",
+                                                   "display": "cyclophosphamide"}]},
+         "subject": {"reference": f"Patient/{patient_id}"},
+         "effectiveDateTime": instant(count_time - timedelta(days=10))},
+    ]
 
 
 def sample_bundle(today: date) -> dict[str, Any]:
@@ -56,7 +83,8 @@ def sample_bundle(today: date) -> dict[str, Any]:
             "effectiveDateTime": effective.isoformat().replace("+00:00", "Z"),
             "valueQuantity": quantity,
         }
-        for resource in (patient, observation):
+        context = _febrile_context(patient_id, effective) if patient_id == FEBRILE else []
+        for resource in (patient, observation, *context):
             entries.append({
                 "resource": resource,
                 "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
@@ -104,6 +132,9 @@ def main(out: TextIO, run_once: Any, tag_system: str, write_report: Any = None) 
         if summary:
             out.write("\nRun summary: " + ", ".join(f"{k}={v}" for k, v in summary.as_dict().items()) + "\n")
         out.write(f"Flags on the server with our tag, read back: {len(flags)}\n")
+        if FEBRILE in flags:
+            out.write(f"\nThe febrile sample's Flag says (priority "
+                      f"{_priority(flags[FEBRILE])}):\n  {flags[FEBRILE]['code']['text']}\n\n")
         if code != 0:
             return code
         code, again = run_once(base_url, state_path)
@@ -134,6 +165,11 @@ def _review(out: TextIO, base_url: str, state_path: Path, run_once: Any, write_r
     out.write(f"Review report ({flagged} flagged patients; synthetic here, but a real report holds patient "
               f"data): {target}\nOpen it in a browser: file://{target}\n")
     return code
+
+
+def _priority(flag: dict[str, Any]) -> str:
+    return next((e["valueCodeableConcept"]["coding"][0]["code"] for e in flag.get("extension", [])
+                 if e.get("url", "").endswith("/flag-priority")), "-")
 
 
 def _our_flags(base_url: str, tag_system: str) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, Mapping
 
-from adapter import units
+from adapter.clinical import units
 from adapter.mappings import Coding, Mappings
 from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, Reason
 

@@ -6,7 +6,7 @@ top-level mappings/ folder. `[mappings] path` points at a site's own copy."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -46,6 +46,7 @@ class Mappings:
     band_count_codes: frozenset[Coding]
     unit_aliases: dict[str, float]
     thresholds: Thresholds
+    context: ContextMappings = field(default_factory=lambda: _context(_read(_shipped(), "context.toml")))
 
     def input_kinds(self) -> dict[Coding, InputKind]:
         """Codes of derived-ANC inputs and what each one is."""
@@ -60,6 +61,35 @@ class Mappings:
         ):
             kinds.update(dict.fromkeys(codes, kind))
         return kinds
+
+
+@dataclass(frozen=True)
+class FebrileRules:
+    """IDSA neutropenic fever (mappings/context.toml [febrile])."""
+
+    single_celsius: float = 38.3
+    sustained_celsius: float = 38.0
+    sustained_minutes: float = 60.0
+    window_hours: float = 24.0
+    anc_below: float = 500.0
+    projection_hours: float = 48.0
+    projection_min_gap_hours: float = 6.0
+    projection_max_gap_hours: float = 72.0
+
+
+@dataclass(frozen=True)
+class ContextMappings:
+    """mappings/context.toml: what counts as a temperature, chemotherapy, a Duffy-null marker."""
+
+    temperature_codes: tuple[Coding, ...]
+    temperature_units: dict[str, str]  # spelling -> "Cel" | "[degF]"
+    plausible_celsius: tuple[float, float]
+    febrile: FebrileRules
+    atc_prefixes: tuple[str, ...]
+    snomed_procedures: frozenset[str]
+    rxnorm: dict[str, str]  # ingredient code -> name
+    duffy_null_codes: frozenset[Coding]
+    duffy_null_floor: float
 
 
 _SEVERITY_ORDER = ("severe", "moderate", "mild")
@@ -82,9 +112,46 @@ def load(path: str = "") -> Mappings:
             band_count_codes=frozenset(_coding(c) for c in derive.get("band_count", [])),
             unit_aliases={str(k).strip(): float(v) for k, v in units["aliases"].items()},
             thresholds=_thresholds(thresholds),
+            context=_context(_read_context(folder)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"mappings.path: mapping data in {folder} is incomplete or malformed: {exc!r}") from None
+
+
+def _read_context(folder: Traversable | Path) -> dict[str, Any]:
+    """A site's mappings copy made before context.toml existed keeps working on the shipped one."""
+    if not (folder / "context.toml").is_file():
+        folder = _shipped()
+    return _read(folder, "context.toml")
+
+
+def _context(raw: dict[str, Any]) -> ContextMappings:
+    temperature, chemo, duffy = raw["temperature"], raw["chemotherapy"], raw["duffy_null"]
+    units = {str(k).strip(): str(v) for k, v in temperature["unit_aliases"].items()}
+    if set(units.values()) - {"Cel", "[degF]"}:
+        raise ValueError("temperature.unit_aliases must map to 'Cel' or '[degF]'")
+    low, high = (float(temperature["plausible_celsius"][k]) for k in ("low", "high"))
+    febrile = raw.get("febrile", {})
+    codes = set()
+    for entry in duffy.get("condition_codes", []):
+        system, sep, code = str(entry).rpartition("|")
+        if not sep or not system or not code:
+            raise ValueError(f"duffy_null.condition_codes: {entry!r} is not 'system|code'")
+        codes.add((system, code))
+    floor = float(duffy.get("normal_floor", 1210))
+    if floor <= 0:
+        raise ValueError("duffy_null.normal_floor must be > 0")
+    return ContextMappings(
+        temperature_codes=tuple(_coding(c) for c in temperature["codes"]),
+        temperature_units=units,
+        plausible_celsius=(low, high),
+        febrile=FebrileRules(**{k: float(v) for k, v in febrile.items()}),
+        atc_prefixes=tuple(str(p) for p in chemo.get("atc_prefixes", [])),
+        snomed_procedures=frozenset(str(c) for c in chemo.get("snomed_procedures", [])),
+        rxnorm={str(e["code"]): str(e.get("name", "")) for e in chemo.get("rxnorm", [])},
+        duffy_null_codes=frozenset(codes),
+        duffy_null_floor=floor,
+    )
 
 
 def _shipped() -> Traversable | Path:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from adapter import classify, crashpoints, derive, extract, source, writeback
+from adapter import context_extract, context_source, crashpoints, extract, source, writeback
+from adapter.clinical import assess, classify, derive
 from adapter.config import Config
 from adapter.errors import FhirError, PermanentHttpError, SearchTruncated, Stopped
 from adapter.extract import WITHDRAWN_STATUSES
@@ -210,6 +211,10 @@ class Run:
         self._run_max: datetime | None = None  # … of this run's committed pages
         self._page_max: datetime | None = None  # … of the page being processed (not committed yet)
         self._reread_from: datetime | None = None  # the result set moved under us: read again from here
+        self.rules = _rules(config, mappings)
+        self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
+        self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
+        self._undeclared_said: set[str] = set()
 
     def execute(self, window: Window = Window()) -> Summary:
         started = time.monotonic()
@@ -228,6 +233,7 @@ class Run:
             self._retry_write_failures()
             if not window.backfill:
                 self._withdraw_deleted()
+                self._poll_context(self._pass_since)
             stopped_early = self._read(params, started)
         except SearchTruncated as exc:
             log.warning("the search stopped early; the watermark stays", extra={"event": "search-truncated",
@@ -388,13 +394,20 @@ class Run:
         resources = [r for r in self.state.quarantined_resources() if not ids or r.get("id") in ids]
         if resources:
             self.summary.quarantine_retried = len(resources)
-            self._process(resources, retry=True)
+            # Temperatures are context, not counts: they go back through the context path.
+            codes = set(self.mappings.context.temperature_codes)
+            temperatures = [r for r in resources if extract._has_code(r, codes)]
+            counts = [r for r in resources if not extract._has_code(r, codes)]
+            self._process(counts, retry=True,
+                          context=context_source.Found(resources=temperatures) if temperatures else None)
 
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool,
-                 also_plan: Iterable[str] = (), deleted: Mapping[str, set[str]] | None = None) -> None:
+                 also_plan: Iterable[str] = (), deleted: Mapping[str, set[str]] | None = None,
+                 context: context_source.Found | None = None) -> None:
         now = _iso(self.now())
         touched: set[str] = set(also_plan)
         self._abnormal = set()  # patients with an abnormal count graded in this batch
+        self._graded_at = {}
         groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
             for resource in observations:
@@ -404,6 +417,12 @@ class Run:
             for patient_id, effective in sorted(groups):
                 if self._derive(patient_id, effective, now):
                     touched.add(patient_id)
+            # Context facts commit with the writes they cause: a crash before the server accepted them
+            # leaves the facts unread, so the rerun finds them new and plans the same writes again.
+            if context is not None:
+                touched |= self._record_context(context, now)
+            if self._graded_at and self._context_wanted():
+                touched |= self._record_context(self._read_context(self._graded_at), now)
             touched.discard("")
             crashpoints.reach("classified")
             self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
@@ -444,8 +463,9 @@ class Run:
             return []  # only normal counts and nothing written before: nothing can change
         evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
         unread = frozenset(evidence - self.state.ledgered_ids(evidence))
-        mine = writeback.plan_patient(patient_id, self.state.readings(patient_id), previously, self.output,
-                                      unread)
+        facts = context_extract.context(self.state.context_facts(patient_id))
+        assessment = assess.assess(self.state.readings(patient_id), facts, self.rules)
+        mine = writeback.plan_patient(patient_id, assessment, previously, self.output, unread)
         rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
         self.summary.unchanged += sum(
             (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
@@ -531,7 +551,7 @@ class Run:
             graded = self._classify(outcome)
             if isinstance(graded, Classification):
                 self.state.record_classified(outcome, graded, now, seen.last_updated)
-                self._graded(outcome.patient_id, graded)
+                self._graded(outcome.patient_id, graded, outcome.effective)
                 self._row(outcome, graded)
                 return touched | {outcome.patient_id}
             outcome = graded
@@ -597,14 +617,90 @@ class Run:
             raise AssertionError("derived ANC could not be graded")
         result = dataclasses.replace(result, notes=result.notes + (how,))
         self.state.record_classified(reading, result, now)
-        self._graded(patient_id, result)
+        self._graded(patient_id, result, effective)
         self._row(reading, result)
         return True
 
-    def _graded(self, patient_id: str, result: Classification) -> None:
+    def _graded(self, patient_id: str, result: Classification, effective: datetime) -> None:
         self.summary.grades[result.grade.value] += 1
+        if patient_id not in self._graded_at or effective < self._graded_at[patient_id]:
+            self._graded_at[patient_id] = effective
         if result.grade.abnormal:
             self._abnormal.add(patient_id)
+
+    # -- clinical context (CONTRACT §5b) -------------------------------------------------------------
+    def _context_wanted(self) -> bool:
+        switches = self.config.context
+        return switches.febrile or switches.chemotherapy or (
+            switches.duffy_null and bool(self.mappings.context.duffy_null_codes))
+
+    def _poll_context(self, since: datetime) -> None:
+        """A fever (or a withdrawal) that arrives after the count must reach the live Flag on the next
+        run, though no new count brings the patient back. Each live run asks, for the patients with an
+        active Flag only, what changed in their context since the last poll (`_lastUpdated`, with the
+        usual overlap): bounded by live patients, not by the hospital's volume of vital signs."""
+        if not self._context_wanted():
+            return
+        live = self.state.live_patients() if "Flag" in self.output.resources else self.state.open_episode_patients()
+        watermark = self.state.context_watermark()
+        polled_since = datetime.fromisoformat(watermark) - self.config.poll.overlap_delta if watermark else since
+        found = context_source.Found()
+        if live:
+            found = self._read_context(dict.fromkeys(live), updated_since=polled_since)
+            self._process([], retry=True, context=found)
+        seen = extract.parse_datetime(found.max_last_updated)
+        if found.complete and seen is not None:
+            # The server's own clock, never past this pass's start (as for the main watermark).
+            moved = min(seen, self._run_started)
+            if watermark is None or moved > datetime.fromisoformat(watermark):
+                with self.state.transaction():
+                    self.state.set_context_watermark(_iso(moved))
+
+    def _read_context(self, patients: dict[str, datetime | None],
+                      updated_since: datetime | None = None) -> context_source.Found:
+        if self._declared is None:
+            try:
+                self._declared = context_source.searchable(self.client.get("metadata"))
+            except PermanentHttpError as exc:
+                log.warning("no CapabilityStatement: clinical context is not read",
+                            extra={"event": "context-not-searchable", "error": str(exc)})
+                self._declared = {}
+        found = context_source.read(self.client, patients, self.mappings.context, self.config.context,
+                                    self._declared, updated_since=updated_since)
+        for resource_type in sorted(found.undeclared - self._undeclared_said):
+            self._undeclared_said.add(resource_type)
+            log.warning("the server does not declare the search this context needs: not read",
+                        extra={"event": "context-not-searchable", "resource_type": resource_type})
+        return found
+
+    def _record_context(self, found: context_source.Found, now: str) -> set[str]:
+        """Store what changed; return the patients whose context changed."""
+        touched: set[str] = set()
+        for resource in found.resources:
+            extracted = context_extract.fact(resource, self.mappings.context, self.config.poll.statuses,
+                                             found.medications)
+            if extracted is None:
+                continue
+            if isinstance(extracted, Quarantine):
+                self._quarantine_context(resource, extracted, now)
+                continue
+            prior = self.state.context_fact(extracted.resource_type, extracted.resource_id)
+            if prior is not None and (prior == extracted or _newer(prior.version, extracted.version)):
+                continue
+            self.state.record_context(extracted, now)
+            touched |= {extracted.patient_id} | ({prior.patient_id} if prior is not None else set())
+        return touched
+
+    def _quarantine_context(self, resource: dict[str, Any], why: Quarantine, now: str) -> None:
+        """A temperature we cannot read: quarantined like a count; an earlier readable version stays."""
+        seen = extract.observation(resource, self.mappings, self.config.poll.statuses)
+        if seen is None:
+            return
+        self.summary.quarantined += 1
+        self.state.quarantine(seen.seen.observation_id, seen.seen.version, seen.seen.patient_id, why, resource,
+                              now, keep_reading=True)
+        log.info("temperature quarantined", extra={"event": "quarantined", "observation_id": seen.seen.observation_id,
+                                                   "reason": why.reason.value})
 
     def _classify(self, reading: Reading) -> Classification | Quarantine:
         patient = self.patients.get(reading.patient_id)
@@ -658,6 +754,22 @@ class Run:
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     return b if a is None else a if b is None else max(a, b)
+
+
+def _rules(config: Config, mappings: Mappings) -> assess.Rules:
+    switches = config.context
+    return assess.Rules(
+        profile=config.classify.profile, thresholds=mappings.thresholds, default_lln=config.classify.default_lln,
+        febrile_rules=mappings.context.febrile, febrile=switches.febrile, projection=switches.projection,
+        chemotherapy=switches.chemotherapy, duffy_null=switches.duffy_null,
+        chemotherapy_lookback=switches.chemotherapy_lookback_delta,
+        duffy_null_floor=mappings.context.duffy_null_floor,
+    )
+
+
+def _newer(mine: str, theirs: str) -> bool:
+    """Is the stored version newer than the one read? (A lagging replica can serve an old one.)"""
+    return mine.isdigit() and theirs.isdigit() and int(mine) > int(theirs)
 
 
 def _iso(moment: datetime) -> str:

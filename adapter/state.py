@@ -97,6 +97,21 @@ CREATE TABLE IF NOT EXISTS write_failures (  -- patients whose writes the server
     first_seen TEXT NOT NULL,
     last_seen TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS context_facts (  -- clinical context read for graded patients (CONTRACT §5b)
+    resource_type TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    kind TEXT NOT NULL,                 -- temperature | chemotherapy | duffy-null | none (withdrawn, not ours)
+    time TEXT,
+    value REAL,                         -- a temperature in °C
+    name TEXT,                          -- chemotherapy: its name; temperature: the value as recorded if not °C
+    status TEXT NOT NULL,
+    last_updated TEXT,
+    processed_at TEXT NOT NULL,
+    PRIMARY KEY (resource_type, resource_id)
+);
+CREATE INDEX IF NOT EXISTS context_facts_patient ON context_facts (patient_id, kind);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started TEXT NOT NULL,
@@ -132,6 +147,23 @@ class Written:
     content_hash: str
     server_id: str | None
     evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContextFact:
+    """One context resource version as extracted; kind "none" when it no longer counts (withdrawn,
+    not done, not a code we know) so that it replaces what an earlier version said."""
+
+    resource_type: str
+    resource_id: str
+    version: str
+    patient_id: str
+    kind: str
+    status: str
+    time: datetime | None = None
+    value: float | None = None
+    name: str = ""
+    last_updated: str = ""
 
 
 @dataclass(frozen=True)
@@ -331,6 +363,13 @@ class State:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('resume_point', ?)",
                             (json.dumps(vars(point)),))
 
+    def context_watermark(self) -> str | None:
+        """The server's lastUpdated up to which the context of live patients has been polled."""
+        return self._meta("context_watermark")
+
+    def set_context_watermark(self, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('context_watermark', ?)", (value,))
+
     # -- ledger ----------------------------------------------------------------------------------
     def ledger(self, observation_id: str) -> Ledgered | None:
         """What we last recorded for this Observation."""
@@ -508,6 +547,49 @@ class State:
         else:
             self.record_outcome(observation_id, row["version"], "discarded", row["patient_id"], "ignored", now)
         return True
+
+    # -- clinical context ------------------------------------------------------------------------
+    def context_fact(self, resource_type: str, resource_id: str) -> ContextFact | None:
+        row = self.db.execute("SELECT * FROM context_facts WHERE resource_type = ? AND resource_id = ?",
+                              (resource_type, resource_id)).fetchone()
+        return _fact_row(row) if row else None
+
+    def record_context(self, fact: ContextFact, now: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO context_facts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (fact.resource_type, fact.resource_id, fact.version, fact.patient_id, fact.kind,
+             fact.time.isoformat() if fact.time else None, fact.value, fact.name, fact.status,
+             fact.last_updated, now),
+        )
+        if fact.resource_type == "Observation":
+            self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (fact.resource_id,))
+
+    def context_facts(self, patient_id: str) -> list[ContextFact]:
+        """The facts that count for this patient (kind other than "none")."""
+        rows = self.db.execute(
+            "SELECT * FROM context_facts WHERE patient_id = ? AND kind != 'none'"
+            " ORDER BY resource_type, resource_id", (patient_id,)
+        ).fetchall()
+        return [_fact_row(row) for row in rows]
+
+    def live_patients(self) -> list[str]:
+        """Patients with an active Flag of ours: those whose context is polled on every live run."""
+        rows = self.db.execute(
+            "SELECT DISTINCT patient_id FROM written WHERE resource_type = 'Flag' AND status = 'active'"
+            " ORDER BY patient_id"
+        ).fetchall()
+        return [row["patient_id"] for row in rows]
+
+    def open_episode_patients(self) -> list[str]:
+        """Patients whose latest graded count is abnormal (for outputs without a Flag)."""
+        latest: dict[str, tuple[datetime, str]] = {}
+        for row in self.db.execute(
+            "SELECT patient_id, effective, grade FROM observations WHERE outcome = 'classified'"
+        ):
+            effective = datetime.fromisoformat(row["effective"])
+            if row["patient_id"] not in latest or effective > latest[row["patient_id"]][0]:
+                latest[row["patient_id"]] = (effective, row["grade"])
+        return sorted(p for p, (_, grade) in latest.items() if grade not in (Grade.NORMAL.value, Grade.CTCAE_0.value))
 
     # -- what we wrote ---------------------------------------------------------------------------
     def written(self, patient_id: str, resource_type: str) -> list[Written]:
@@ -819,6 +901,12 @@ def _reading_row(row: sqlite3.Row) -> tuple[Reading, Classification]:
         notes=tuple(json.loads(row["notes"] or "[]")),
     )
     return reading, result
+
+
+def _fact_row(row: sqlite3.Row) -> ContextFact:
+    return ContextFact(row["resource_type"], row["resource_id"], row["version"], row["patient_id"], row["kind"],
+                       row["status"], datetime.fromisoformat(row["time"]) if row["time"] else None,
+                       row["value"], row["name"] or "", row["last_updated"] or "")
 
 
 def _utc(moment: datetime) -> str:

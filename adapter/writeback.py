@@ -1,5 +1,6 @@
-"""Grades -> Flag / RiskAssessment resources (CONTRACT §6), planned against what we wrote before, sent as
-one transaction of conditional updates keyed by our identifiers, so a repeat never duplicates."""
+"""An assessment -> Flag / RiskAssessment resources (CONTRACT §6), planned against what we wrote before, sent
+as one transaction of conditional updates keyed by our identifiers, so a repeat never duplicates. The
+clinical reasoning is done by adapter.clinical.assess; this module only renders what it found."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
@@ -16,7 +17,9 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from adapter.episodes import Episode, Graded, episodes
+from adapter.clinical.assess import AssessedCount, AssessedEpisode, Assessment
+from adapter.clinical.context import Fever, days_before
+from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
 from adapter.model import Grade
 from adapter.state import Written
@@ -24,12 +27,15 @@ from adapter.state import Written
 SNOMED = "http://snomed.info/sct"
 NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia"}
 INFECTIOUS_DISEASE = {"system": SNOMED, "code": "40733004", "display": "Infectious disease"}
+FEBRILE_NEUTROPENIA = {"system": SNOMED, "code": "409089005", "display": "Febrile neutropenia"}
 FLAG_CATEGORY = {
     "system": "http://terminology.hl7.org/CodeSystem/flag-category",
     "code": "clinical",
     "display": "Clinical",
 }
 FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
+FLAG_PRIORITY_SYSTEM = "http://hl7.org/fhir/flag-priority-code"
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 QUALITATIVE_RISK = {
     Grade.SEVERE: "high", Grade.MODERATE: "moderate", Grade.MILD: "low", Grade.NORMAL: "negligible",
@@ -90,7 +96,7 @@ class Planned:
 
 def plan_patient(
     patient_id: str,
-    readings: list[Graded],
+    assessment: Assessment,
     previously: dict[str, list[Written]],
     output: Output,
     unread: frozenset[str] = frozenset(),
@@ -100,13 +106,13 @@ def plan_patient(
     after state loss, whose Observations later pages will bring) — such a Flag is not judged yet."""
     planned: list[Planned] = []
     if "Flag" in output.resources:
-        planned += _plan_flags(patient_id, readings, previously.get("Flag", []), output, unread)
+        planned += _plan_flags(patient_id, assessment, previously.get("Flag", []), output, unread)
     if "RiskAssessment" in output.resources:
-        planned += _plan_risk_assessments(patient_id, readings, previously.get("RiskAssessment", []), output)
+        planned += _plan_risk_assessments(patient_id, assessment, previously.get("RiskAssessment", []), output)
     return planned
 
 
-def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Written], output: Output,
+def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Written], output: Output,
                 unread: frozenset[str] = frozenset()) -> list[Planned]:
     """One Flag per episode. An episode keeps the Flag whose evidence it shares, so a late older count,
     a backfilled earlier episode or a withdrawn count never renumbers or swaps the patient's Flags. An
@@ -115,7 +121,7 @@ def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Writte
     (deterministic, so a rerun after a crash finds the same one). A Flag left over is entered-in-error."""
     before = {w.identifier: w for w in previously}
     live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
-    found = episodes(readings)
+    found = [assessed.episode for assessed in assessment.episodes]
     claimed: dict[int, Written] = {}
     for index, episode in enumerate(found):
         natural = scoped(patient_id, episode.first[0].observation_id)
@@ -139,7 +145,8 @@ def _plan_flags(patient_id: str, readings: list[Graded], previously: list[Writte
         match = claimed.get(index)
         identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
         status = "active" if episode.closed_by is None else "inactive"
-        wanted[identifier] = (status, _flag(patient_id, identifier, status, episode, output), episode.evidence)
+        body = _flag(patient_id, identifier, status, assessment.episodes[index], output)
+        wanted[identifier] = (status, body, episode.evidence)
     for identifier, written in before.items():
         if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
             # No remaining evidence: withdrawn, amended away, or merged into an older episode.
@@ -169,17 +176,18 @@ def scoped(patient_id: str, observation_id: str) -> str:
 
 
 def _plan_risk_assessments(
-    patient_id: str, readings: list[Graded], previously: list[Written], output: Output
+    patient_id: str, assessment: Assessment, previously: list[Written], output: Output
 ) -> list[Planned]:
     before = {w.identifier: w for w in previously}
     wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {}
-    for reading, result in readings:
+    for assessed in assessment.counts:
+        reading, result = assessed.graded
         # Scoped to the patient: a result re-filed to another patient gets a new assessment there while
         # the old patient's is withdrawn — one identifier for both would make the two writes collide.
         identifier = scoped(patient_id, reading.observation_id)
         if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
             continue
-        body = _risk_assessment(patient_id, identifier, (reading, result), output)
+        body = _risk_assessment(patient_id, identifier, assessed, output)
         prior = before.get(identifier)
         changed = prior is not None and (prior.content_hash != _hash(body) or prior.status in WITHDRAWN)
         status = "amended" if changed else (prior.status if prior else "final")
@@ -276,27 +284,48 @@ def adoptable(resources: list[dict[str, Any]], output: Output) -> list[Written]:
             continue
         details = [e.get("valueReference", {}).get("reference", "") for e in flag.get("extension") or []
                    if isinstance(e, dict) and e.get("url") == FLAG_DETAIL]
-        evidence = tuple(sorted(d.removeprefix("Observation/") for d in details if d.startswith("Observation/")))
+        # Only the first flag-detail is a count; the others point at temperatures and chemotherapy,
+        # which this state never ledgers (taking them as evidence would leave the Flag unjudged).
+        evidence = tuple(d.removeprefix("Observation/") for d in details[:1] if d.startswith("Observation/"))
         adopted.append(Written("Flag", identifier, reference.removeprefix("Patient/"), str(flag.get("status")),
                                "", flag.get("id"), evidence))
     return adopted
 
 
-def _flag(patient_id: str, identifier: str, status: str, episode: Episode, output: Output) -> dict[str, Any]:
-    reading, result = episode.latest
+def _flag(patient_id: str, identifier: str, status: str, assessed: AssessedEpisode,
+          output: Output) -> dict[str, Any]:
+    episode, latest = assessed.episode, assessed.latest
+    reading, result = latest.graded
     period = {"start": _instant(episode.start)}
     if episode.end is not None:
         period["end"] = _instant(episode.end)
+    coding = [NEUTROPENIA, _grade_coding(result.grade, output)]
+    if assessed.fever is not None:
+        coding.append(FEBRILE_NEUTROPENIA)
+    # The first flag-detail is the Observation behind the current grade (readers and adoption rely on
+    # it); then the context the text names.
+    details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, assessed.fever)
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": f"Observation/{reading.evidence[0]}"}}],
+        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details] + [{
+            "url": FLAG_PRIORITY,
+            "valueCodeableConcept": {"coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": assessed.priority}]},
+        }],
         "category": [{"coding": [FLAG_CATEGORY]}],
-        "code": {"coding": [NEUTROPENIA, _grade_coding(result.grade, output)], "text": _text(episode.latest)},
+        "code": {"coding": coding, "text": _text(latest, assessed.fever)},
         "subject": {"reference": f"Patient/{patient_id}"},
         "period": period,
         "author": AUTHOR,
     }
+
+
+def _context_references(assessed: AssessedCount, fever: Fever | None) -> list[str]:
+    """The temperature Observations and the chemotherapy record the text names, each once."""
+    references = [f"Observation/{t.observation_id}" for t in fever.readings] if fever else []
+    if assessed.chemotherapy is not None:
+        references.append(assessed.chemotherapy.reference)
+    return list(dict.fromkeys(references))
 
 
 def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:
@@ -310,32 +339,44 @@ def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[st
     }
 
 
-def _risk_assessment(patient_id: str, identifier: str, graded: Graded, output: Output) -> dict[str, Any]:
-    reading, result = graded
+def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount, output: Output) -> dict[str, Any]:
+    reading, result = assessed.graded
+    risk = "high" if assessed.fever is not None else QUALITATIVE_RISK[result.grade]
+    predictions: list[dict[str, Any]] = [
+        {
+            # SNOMED CT 40733004 "Infectious disease (disorder)" is the root concept HL7 Europe's Hospital
+            # Discharge Report IG uses for infections: the nearest standard code for "serious infection".
+            # Our own code stays beside it, since receivers may already match on it.
+            "outcome": {
+                "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "serious-infection"},
+                           INFECTIOUS_DISEASE],
+                "text": "Serious infection",
+            },
+            "qualitativeRisk": {"coding": [{"system": RISK_PROBABILITY, "code": risk}]},
+        }
+    ]
+    if assessed.projection is not None:
+        predictions.append({
+            "outcome": {
+                "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "anc-below-500"}],
+                "text": "ANC below 500 cells/µL",
+            },
+            "whenPeriod": {"start": _instant(reading.effective),
+                           "end": _instant(reading.effective + timedelta(hours=48))},
+            "rationale": (f"Log-linear projection from the previous count (Observation/"
+                          f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
+                          f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}"),
+        })
+    basis = [f"Observation/{source}" for source in reading.evidence] + _context_references(assessed, assessed.fever)
     return {
         "resourceType": "RiskAssessment",
         **_common(output, "RiskAssessment", identifier),
         "method": {"coding": [{"system": f"{output.system_base}/CodeSystem/method", "code": output.profile}]},
-        "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(graded)},
+        "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(assessed, assessed.fever)},
         "subject": {"reference": f"Patient/{patient_id}"},
         "occurrenceDateTime": _instant(reading.effective),
-        "basis": [{"reference": f"Observation/{source}"} for source in reading.evidence]
-        + [{"reference": f"Patient/{patient_id}"}],
-        "prediction": [
-            {
-                # SNOMED CT 40733004 "Infectious disease (disorder)" is the root concept HL7 Europe's
-                # Hospital Discharge Report IG uses for infections: the nearest standard code for "serious
-                # infection". Our own code stays beside it, since receivers may already match on it.
-                "outcome": {
-                    "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "serious-infection"},
-                               INFECTIOUS_DISEASE],
-                    "text": "Serious infection",
-                },
-                "qualitativeRisk": {
-                    "coding": [{"system": RISK_PROBABILITY, "code": QUALITATIVE_RISK[result.grade]}]
-                },
-            }
-        ],
+        "basis": [{"reference": r} for r in dict.fromkeys(basis)] + [{"reference": f"Patient/{patient_id}"}],
+        "prediction": predictions,
     }
 
 
@@ -381,11 +422,41 @@ def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
     return {"system": output.grade_system, "code": grade.value, "display": grade.label}
 
 
-def _text(graded: Graded) -> str:
-    reading, result = graded
+def _text(assessed: AssessedCount, fever: Fever | None) -> str:
+    """code.text: the count as today, led by the fever when febrile, then the context facts the data
+    shows (projection, chemotherapy, a site-marked threshold), joined with "; "."""
+    reading, result = assessed.graded
     label = f"At least {result.grade.label[0].lower()}{result.grade.label[1:]}" if result.at_least else result.grade.label
     text = f"{label}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
-    return f"{text} ({'; '.join(result.notes)})" if result.notes else text
+    if result.notes:
+        text += f" ({'; '.join(result.notes)})"
+    if fever is not None:
+        text = f"Febrile neutropenia: {_fever_text(fever)} with {text[0].lower()}{text[1:]}"
+    parts = [text]
+    if assessed.projection is not None:
+        parts.append(f"projected to fall below 500 cells/µL by {_minute(assessed.projection.below_by)}")
+    if assessed.chemotherapy is not None:
+        chemo = assessed.chemotherapy
+        days = days_before(chemo, reading.effective)
+        parts.append(f"after chemotherapy: {chemo.name} on {chemo.time.date().isoformat()} "
+                     f"({days} days before this count)")
+    if assessed.duffy_null_floor is not None:
+        parts.append(f"site-marked Duffy-null threshold: normal from {assessed.duffy_null_floor:g} cells/µL")
+    return "; ".join(parts)
+
+
+def _fever_text(fever: Fever) -> str:
+    if fever.sustained:
+        first, last = fever.readings[0], fever.readings[-1]
+        return f"temperature ≥ {fever.threshold:.1f} °C from {_minute(first.time)} to {_minute(last.time)}"
+    reading = fever.readings[0]
+    recorded = f" ({reading.recorded} as recorded)" if reading.recorded else ""
+    return f"temperature {reading.celsius:.1f} °C{recorded} at {_minute(reading.time)}"
+
+
+def _minute(moment: datetime) -> str:
+    """An ISO instant to the minute, in UTC: 2026-11-20T10:00Z."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _instant(moment: Any) -> str:

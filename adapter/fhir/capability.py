@@ -84,7 +84,27 @@ def check(client: FhirClient, config: Config, codes: tuple[Coding, ...]) -> Repo
         report.add(FAIL, f"search Observation: {exc}; run would stop with exit 3", code)
     for level, text in interactions(statement, config):
         report.add(level, text)
+    for level, text in context_searches(statement, config):
+        report.add(level, text)
     return report
+
+
+def context_searches(statement: dict[str, Any], config: Config) -> list[tuple[str, str]]:
+    """Clinical context (CONTRACT §5b): `run` sends a context search only when the server declares every
+    parameter it uses, and writes the alert without that context otherwise: a warning, never a failure."""
+    from adapter import context_source
+
+    lines = []
+    for kind, params, around, poll in context_source.coverage(context_source.searchable(statement),
+                                                               config.context):
+        if around and poll:
+            lines.append((OK, f"context: search {kind} by {', '.join(params)}"))
+        else:
+            missing = " and ".join(what for what, sent in (("around new counts", around),
+                                                           ("for late changes", poll)) if not sent)
+            lines.append((WARN, f"context: {kind} is not read {missing}: the CapabilityStatement does not "
+                                f"declare the search parameters (the alert is written without it)"))
+    return lines
 
 
 CONDITIONAL = "conditional"  # PUT [type]?identifier=system|value: the server finds or creates it

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from adapter import classify, episodes, extract
+from adapter import extract
+from adapter.clinical import classify, episodes
 from adapter.config import Config
 from adapter.mappings import Band, Coding, Mappings
 from adapter.model import AgeBand, Classification, Grade, Quarantine, Reading

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from adapter.episodes import Graded
+from adapter.clinical.episodes import Graded
 from adapter.mappings import Thresholds
 from adapter.model import AgeBand, Classification, Grade
 

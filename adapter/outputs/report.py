@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from adapter.episodes import Episode, Graded, episodes
+from adapter.clinical.episodes import Episode, Graded, episodes
 from adapter.errors import ConfigError
 from adapter.mappings import Thresholds
 from adapter.model import Grade

@@ -23,7 +23,21 @@ EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
 
 
 def minimal() -> dict[str, Any]:
-    return json.loads((DATA / "capability-minimal.json").read_text())
+    """A server that declares everything `run` sends: the minimal statement plus the context searches
+    (clinical context, CONTRACT §5b: temperatures, chemotherapy records, Duffy-null Conditions)."""
+    statement = json.loads((DATA / "capability-minimal.json").read_text())
+    declared = statement["rest"][0]["resource"]
+    context = {"Observation": ["date", "subject"], "MedicationAdministration": ["effective-time"],
+               "MedicationRequest": ["authoredon"], "Procedure": ["date"], "Condition": ["code"]}
+    for kind, params in context.items():
+        entry = next((r for r in declared if r["type"] == kind), None)
+        if entry is None:
+            entry = {"type": kind, "interaction": [{"code": "search-type"}], "searchParam": []}
+            declared.append(entry)
+        have = {p["name"] for p in entry.setdefault("searchParam", [])}
+        for name in sorted({*params, "subject", "_lastUpdated"} - have):
+            entry["searchParam"].append({"name": name, "type": "token"})
+    return statement
 
 
 def resource(statement: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -22,6 +22,10 @@ def test_check_reports_ready_against_the_local_server(fhir_server, capsys, tmp_p
     assert "FAIL" not in out and out.rstrip().endswith("ready, with warnings")
     assert "[ok] write Flag: conditional update by identifier" in out
     assert "[warn] write RiskAssessment: RiskAssessment is not in the CapabilityStatement; run will PUT" in out
+    # Clinical context: every search `run` will send is declared by the local server (issue 11).
+    assert "[ok] context: search Observation by _lastUpdated, code, date, subject" in out
+    assert "[ok] context: search MedicationAdministration by _lastUpdated, effective-time, subject" in out
+    assert "not read" not in out
     config.write_text('[output]\nresources = ["Flag"]\n')
     assert main(["check", "--config", str(config), "--fhir-url", fhir_server.base_url]) == 0
     out = capsys.readouterr().out
@@ -114,6 +118,9 @@ def test_demo_runs_the_main_job_on_the_embedded_default(capsys):
     assert main(["demo", "--log-format", "json"]) == 0
     out = capsys.readouterr().out
     assert "demo-adult-severe" in out and "severe" in out
-    assert "Flags on the server with our tag, read back: 4" in out
-    assert "Second run (idempotence): read=7 created=0 updated=0; Flags on the server: 4" in out
+    assert "Flags on the server with our tag, read back: 5" in out
+    assert "Second run (idempotence): read=8 created=0 updated=0; Flags on the server: 5" in out
+    # The febrile sample after chemotherapy (issue 11): the emergency is said first, with its evidence.
+    assert "priority PH" in out and "Febrile neutropenia: temperature 38.6 °C at " in out
+    assert "after chemotherapy: cyclophosphamide on " in out and "(10 days before this count)" in out
     assert "quarantined" in out  # the sample with an unknown unit

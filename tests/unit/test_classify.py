@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapter import mappings
-from adapter.classify import AGE_UNKNOWN_NOTE, age_band, classify, patient_age_band
+from adapter.clinical.classify import AGE_UNKNOWN_NOTE, age_band, classify, patient_age_band
 from adapter.model import AgeBand, Classification, Count, Grade, Patient, Quarantine, Reason
-from adapter.units import normalise
+from adapter.clinical.units import normalise
 
 MAPPINGS = mappings.load()
 THRESHOLDS = MAPPINGS.thresholds
@@ -521,7 +521,7 @@ def test_age_band_feeds_classification():
 def test_a_partial_birth_date_straddling_bands_with_identical_tables_uses_the_younger_band():
     from datetime import date
 
-    from adapter.classify import patient_age_band
+    from adapter.clinical.classify import patient_age_band
     from adapter.mappings import load
     from adapter.model import AgeBand, Patient
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from adapter.derive import FROM_DIFFERENTIAL, FROM_PARTS, derive
+from adapter.clinical.derive import FROM_DIFFERENTIAL, FROM_PARTS, derive
 from adapter.model import DeriveInput, InputKind as K
 
 AT = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter.episodes import Episode, episodes
+from adapter.clinical.episodes import Episode, episodes
 from adapter.model import AgeBand, Classification, Count, Grade, Reading
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=timezone.utc)

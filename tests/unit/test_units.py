@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from adapter import mappings
 from adapter.model import Count, Quarantine, Reason
-from adapter.units import UCUM_SYSTEM, normalise, ucum_factor, unit_factor
+from adapter.clinical.units import UCUM_SYSTEM, normalise, ucum_factor, unit_factor
 
 MAPPINGS = mappings.load()
 ALIASES = MAPPINGS.unit_aliases

@@ -1,0 +1,147 @@
+"""Clinical context around a graded count: fever, projection, chemotherapy, Duffy-null (CONTRACT §5b).
+
+Pure: facts in, facts out; no I/O, no clock. The rules and their sources:
+- fever (IDSA, Freifeld et al. 2011; Taplitz et al. 2018): one temperature ≥ 38.3 °C, or readings
+  ≥ 38.0 °C spanning at least an hour with none below 38.0 °C between them;
+- projection: the same ratio per hour between the last two counts continues (log-linear);
+- chemotherapy: the most recent qualifying record within the lookback before the count;
+- Duffy-null (Merz et al., JAMA 2023): a lower normal bound, only for a patient the site marked."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from adapter.mappings import Band, FebrileRules, Thresholds
+from adapter.model import AgeBand
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """One body temperature reading, normalised to °C."""
+
+    observation_id: str
+    time: datetime
+    celsius: float
+    recorded: str = ""  # the value as sent when it was not in °C, e.g. "101.5 °F"
+
+
+@dataclass(frozen=True)
+class Chemotherapy:
+    """A chemotherapy record: MedicationAdministration, MedicationRequest or Procedure."""
+
+    reference: str  # "MedicationAdministration/<id>" …
+    time: datetime
+    name: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """What was read around one patient's counts. Empty when nothing was read (or all switched off)."""
+
+    temperatures: tuple[Temperature, ...] = ()
+    chemotherapy: tuple[Chemotherapy, ...] = ()
+    duffy_null_markers: tuple[str, ...] = ()  # Condition ids marking the patient
+
+
+@dataclass(frozen=True)
+class Fever:
+    """The readings that make the fever: one (≥ 38.3 °C), or a sustained run (≥ 38.0 °C over an hour)."""
+
+    readings: tuple[Temperature, ...]
+    sustained: bool
+    threshold: float = 38.0  # the sustained rule's threshold, said in the text of a sustained fever
+
+    @property
+    def evidence(self) -> tuple[str, ...]:
+        return tuple(t.observation_id for t in self.readings)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Log-linear: the ratio per hour between `earlier` and the count continues."""
+
+    earlier_observation_id: str
+    below_by: datetime  # when the count is projected to fall below the threshold (minute precision)
+
+
+def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules) -> Fever | None:
+    """A fever within `window_hours` either side of `around`, or None. Prefers a single reading
+    ≥ single_celsius (the highest, then the earliest); else the longest sustained run."""
+    window = timedelta(hours=rules.window_hours)
+    near = sorted((t for t in temperatures if abs(t.time - around) <= window),
+                  key=lambda t: (t.time, t.observation_id))
+    singles = [t for t in near if t.celsius >= rules.single_celsius]
+    if singles:
+        best = max(singles, key=lambda t: (t.celsius, -t.time.timestamp()))
+        return Fever((best,), sustained=False)
+    runs: list[list[Temperature]] = [[]]
+    for reading in near:
+        if reading.celsius >= rules.sustained_celsius:
+            runs[-1].append(reading)
+        elif runs[-1]:
+            runs.append([])  # a reading below the threshold between two ends the run
+    span = timedelta(minutes=rules.sustained_minutes)
+    qualifying = [run for run in runs if len(run) >= 2 and run[-1].time - run[0].time >= span]
+    if not qualifying:
+        return None
+    longest = max(qualifying, key=lambda run: (run[-1].time - run[0].time, -run[0].time.timestamp()))
+    return Fever(tuple(longest), sustained=True, threshold=rules.sustained_celsius)
+
+
+def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, datetime, float],
+               rules: FebrileRules) -> Projection | None:
+    """From a count `at` = (id, time, cells/µL) ≥ the threshold and the most recent earlier count taken
+    between projection_min_gap_hours and projection_max_gap_hours before it, when `at` is lower: the
+    time it crosses below the threshold, when that is within projection_hours of `at`."""
+    observation_id, time, value = at
+    if value < rules.anc_below:
+        return None
+    low_gap, high_gap = (timedelta(hours=rules.projection_min_gap_hours),
+                         timedelta(hours=rules.projection_max_gap_hours))
+    earlier = [c for c in counts if low_gap <= time - c[1] <= high_gap]
+    if not earlier:
+        return None
+    previous = max(earlier, key=lambda c: (c[1], c[0]))
+    if not 0 < value < previous[2]:
+        return None
+    hours = (time - previous[1]).total_seconds() / 3600
+    rate = math.log(value / previous[2]) / hours  # negative: the count is falling
+    to_threshold = math.log(rules.anc_below / value) / rate  # hours from `at`; 0 when value is the bound
+    if to_threshold > rules.projection_hours:
+        return None
+    crossing = time + timedelta(hours=to_threshold)
+    return Projection(previous[0], crossing.replace(second=0, microsecond=0))
+
+
+def chemotherapy(records: Iterable[Chemotherapy], before: datetime, lookback: timedelta) -> Chemotherapy | None:
+    """The most recent record dated within `lookback` before the count (never one after it)."""
+    candidates = [r for r in records if timedelta(0) <= before - r.time <= lookback]
+    return max(candidates, key=lambda r: (r.time, r.reference), default=None)
+
+
+def days_before(record: Chemotherapy, count_time: datetime) -> int:
+    """Whole days between the chemotherapy and the count (0 on the same day)."""
+    return math.floor((count_time - record.time).total_seconds() / 86400)
+
+
+def duffy_null_thresholds(thresholds: Thresholds, band: AgeBand, floor: float) -> Thresholds | None:
+    """Thresholds for a site-marked Duffy-null patient, or None where the floor would not lower the
+    normal bound. Only the adult table (adults, children from 1 year, and unknown age graded as adults)
+    has a bound above the floor; the infant and neonate tables start at 1000, already below 1210 —
+    applying the floor there would call more infants neutropenic, the opposite of its purpose."""
+    if band in (AgeBand.INFANT, AgeBand.NEONATE):
+        return None
+    table = thresholds.adult
+    normal_from = table.bounds[-1][1]
+    if floor >= normal_from:
+        return None
+    # Below the floor the usual grades apply: bounds under it stay; the grade it falls in now ends at it
+    # (mild for 1210: 1000-1209 mild, < 1000 moderate, < 500 severe); milder grades are gone.
+    kept = tuple((grade, bound) for grade, bound in table.bounds if bound < floor)
+    cut = next(grade for grade, bound in table.bounds if bound >= floor)
+    lowered = kept + ((cut, floor),)
+    return Thresholds(adult=Band(lowered, table.note), infant=thresholds.infant, neonate=thresholds.neonate,
+                      ctcae=thresholds.ctcae, max_anc_per_ul=thresholds.max_anc_per_ul)

@@ -1,0 +1,173 @@
+"""Batched searches for the clinical context of the patients being graded (CONTRACT §5b).
+
+Never one request per patient: `subject=Patient/a,Patient/b,…` for up to BATCH patients per search, one
+search per resource type. Codes are filtered on our side where a search cannot express them (an ATC
+prefix, a Medication's code behind medicationReference), so the searches ask by subject and time only;
+temperatures and Duffy-null Conditions are asked by code as well."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from adapter.config import ContextConfig
+from adapter.errors import PermanentHttpError, SearchTruncated
+from adapter.fhir.client import FhirClient
+from adapter.mappings import ContextMappings
+
+log = logging.getLogger(__name__)
+
+BATCH = 50  # patients per search: comma-separated subjects, kept well within URL length limits
+# The date search parameter of each type (R4): a bound keeps a long stay's every vital sign out of a read.
+_DATE_PARAM = {"Observation": "date", "MedicationAdministration": "effective-time",
+               "MedicationRequest": "authoredon", "Procedure": "date"}
+
+
+@dataclass
+class Found:
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    medications: dict[str, dict[str, Any]] = field(default_factory=dict)  # included Medications by id
+    max_last_updated: str = ""  # the latest meta.lastUpdated seen (server clock), for the poll watermark
+    complete: bool = True  # False when a search failed: what was read is still used
+    undeclared: set[str] = field(default_factory=set)  # types not searched: the server does not declare it
+
+
+def searchable(statement: Any) -> dict[str, frozenset[str]]:
+    """The search parameters the server declares per resource type (search-type only), from /metadata.
+    A context search is sent only when every parameter it uses is declared: servers ignore parameters
+    they do not know (lenient handling is the default), and an ignored `date` or `subject` would turn a
+    bounded read into every temperature or every drug given in the hospital."""
+    declared: dict[str, frozenset[str]] = {}
+    rests = statement.get("rest") if isinstance(statement, dict) else None
+    for rest in rests if isinstance(rests, list) else []:
+        if not isinstance(rest, dict) or rest.get("mode", "server") != "server":
+            continue
+        for entry in rest.get("resource") or [] if isinstance(rest.get("resource"), list) else []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+                continue
+            interactions = {i.get("code") for i in entry.get("interaction") or [] if isinstance(i, dict)}
+            if "search-type" in interactions:
+                declared[entry["type"]] = frozenset(
+                    p["name"] for p in entry.get("searchParam") or [] if isinstance(p, dict)
+                    and isinstance(p.get("name"), str)) | {"_count", "_include"}
+    return declared
+
+
+def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: ContextMappings,
+         switches: ContextConfig, declared: Mapping[str, frozenset[str]],
+         updated_since: datetime | None = None) -> Found:
+    """Context resources of these patients. `patients` maps each to the earliest count being graded for
+    it (None: no bound): temperatures are read from `window_hours` before it, chemotherapy from the
+    lookback before it. `updated_since`: only what changed since then (the incremental poll).
+    `declared`: see searchable(); a search the server does not declare is not sent."""
+    found = Found()
+    ordered = sorted(patients, key=lambda p: (patients[p] is None, patients[p] or datetime.min, p))
+    for start in range(0, len(ordered), BATCH):
+        batch = ordered[start:start + BATCH]  # sorted by time, so one batch's bound suits all its patients
+        subjects = ",".join(f"Patient/{p}" for p in batch)
+        times = [patients[p] for p in batch]
+        around = None if any(t is None for t in times) else min(t for t in times if t is not None)
+        for resource_type, params in _searches(mappings, switches):
+            params = {**params, "subject": subjects, "_count": 1000}
+            if updated_since is not None:
+                params["_lastUpdated"] = f"ge{_instant(updated_since)}"
+            if around is not None and resource_type in _DATE_PARAM:
+                reach = (timedelta(hours=mappings.febrile.window_hours) if resource_type == "Observation"
+                         else switches.chemotherapy_lookback_delta)
+                params[_DATE_PARAM[resource_type]] = f"ge{_instant(around - reach)}"
+            missing = set(params) - declared.get(resource_type, frozenset())
+            if missing:
+                found.undeclared.add(resource_type)
+                continue
+            try:
+                for bundle in client.search(resource_type, params):
+                    _collect(bundle, found)
+            except (PermanentHttpError, SearchTruncated) as exc:
+                # The counts' alerts go out without this context rather than not at all; said in the log.
+                found.complete = False
+                log.warning("could not read clinical context; alerts are written without it",
+                            extra={"event": "context-read-failed", "resource_type": resource_type,
+                                   "error": str(exc)})
+    _resolve_medications(client, found)
+    return found
+
+
+def coverage(declared: Mapping[str, frozenset[str]],
+             switches: ContextConfig) -> list[tuple[str, list[str], bool, bool]]:
+    """For `check`: per context search, whether the read around new counts and the poll of live patients
+    will be sent (the run sends only what the server declares)."""
+    kinds = []
+    if switches.febrile:
+        kinds.append(("Observation", {"code"}))
+    if switches.chemotherapy:
+        kinds += [("MedicationAdministration", set()), ("MedicationRequest", set()), ("Procedure", set())]
+    if switches.duffy_null:
+        kinds.append(("Condition", {"code"}))
+    rows = []
+    for kind, extra in kinds:
+        have = declared.get(kind, frozenset())
+        around = {"subject", *extra} | ({_DATE_PARAM[kind]} if kind in _DATE_PARAM else set())
+        poll = {"subject", "_lastUpdated", *extra}
+        rows.append((kind, sorted(around | poll), around <= have, poll <= have))
+    return rows
+
+
+def _searches(mappings: ContextMappings, switches: ContextConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    if switches.febrile:
+        yield "Observation", {"code": ",".join(f"{s}|{c}" for s, c in mappings.temperature_codes)}
+    if switches.chemotherapy:
+        yield "MedicationAdministration", {"_include": "MedicationAdministration:medication"}
+        yield "MedicationRequest", {"_include": "MedicationRequest:medication"}
+        yield "Procedure", {}
+    if switches.duffy_null and mappings.duffy_null_codes:
+        yield "Condition", {"code": ",".join(f"{s}|{c}" for s, c in sorted(mappings.duffy_null_codes))}
+
+
+def _collect(bundle: dict[str, Any], found: Found) -> None:
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        if resource.get("resourceType") == "Medication" and isinstance(resource.get("id"), str):
+            found.medications[resource["id"]] = resource
+            continue
+        if resource.get("resourceType") == "OperationOutcome":
+            continue
+        found.resources.append(resource)
+        meta = resource.get("meta")
+        updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+        if isinstance(updated, str) and _later(updated, found.max_last_updated):
+            found.max_last_updated = updated
+
+
+def _resolve_medications(client: FhirClient, found: Found) -> None:
+    """A server that ignored _include: read each referenced Medication once."""
+    wanted = set()
+    for resource in found.resources:
+        reference = resource.get("medicationReference")
+        target = reference.get("reference") if isinstance(reference, dict) else None
+        if isinstance(target, str) and "Medication/" in target:
+            medication_id = target.rsplit("Medication/", 1)[1].split("/_history")[0]
+            if medication_id and medication_id not in found.medications:
+                wanted.add(medication_id)
+    for medication_id in sorted(wanted):
+        try:
+            found.medications[medication_id] = client.get(f"Medication/{medication_id}")
+        except PermanentHttpError as exc:
+            log.warning("a referenced Medication could not be read", extra={
+                "event": "medication-missing", "medication_id": medication_id, "error": str(exc)})
+
+
+def _later(instant: str, than: str) -> bool:
+    try:
+        mine = datetime.fromisoformat(instant.replace("Z", "+00:00"))
+        return not than or mine > datetime.fromisoformat(than.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+
+
+def _instant(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,175 @@
+"""How clinical context is read (CONTRACT §5b), seen on the wire with `responses`: batched by subject, never
+one request per patient; only searches the server declares; the poll asks live patients only; a Medication
+the server did not include is read once; a failed context search never holds back the count's alert."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import responses
+
+from adapter.cli import main
+from builders import anc, patient
+
+BASE = "https://fhir.example.org/r4"
+CONTEXT_TYPES = ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure", "Condition")
+PARAMS = ("subject", "code", "date", "effective-time", "authoredon", "_lastUpdated")
+EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+ANC_CODE = "http://loinc.org|751-8"
+
+
+def capability(types=CONTEXT_TYPES) -> dict:
+    resources = [{"type": kind, "interaction": [{"code": "search-type"}],
+                  "searchParam": [{"name": name} for name in PARAMS]} for kind in types]
+    resources.append({"type": "Flag", "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]})
+    return {"resourceType": "CapabilityStatement",
+            "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": resources}]}
+
+
+def bundle(*resources) -> dict:
+    return {"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+
+
+class Server:
+    """ANC search answered from `counts`; context searches from `context` (by type); writes accepted."""
+
+    def __init__(self, mock: responses.RequestsMock, statement: dict):
+        self.counts: list[dict] = []
+        self.context: dict[str, list[dict]] = {}
+        self.medications: dict[str, dict] = {}
+        self.posted: list[dict] = []
+        mock.get(f"{BASE}/metadata", json=statement)
+        mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), json=EMPTY)
+        mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/Medication/[^/?]+"),
+                          callback=self._medication)
+        for kind in CONTEXT_TYPES:
+            mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/{kind}\b(\?.*)?$"),
+                              callback=self._search)
+        mock.add_callback(responses.POST, BASE, callback=self._transaction)
+        self.mock = mock
+
+    def requests(self, kind: str) -> list[dict[str, list[str]]]:
+        """Query parameters of every context search of this type (the ANC search and the deleted-evidence
+        check, an `_id` search, left out)."""
+        found = []
+        for call in self.mock.calls:
+            url = urlparse(call.request.url)
+            query = parse_qs(url.query)
+            if url.path.endswith(f"/{kind}") and ANC_CODE not in query.get("code", [""])[0] and "_id" not in query:
+                found.append(query)
+        return found
+
+    def _search(self, request) -> tuple[int, dict, str]:
+        url = urlparse(request.url)
+        kind = url.path.rsplit("/", 1)[1]
+        query = parse_qs(url.query)
+        if kind == "Observation" and ANC_CODE in query.get("code", [""])[0]:
+            return 200, {}, json.dumps(bundle(*self.counts))
+        if kind == "Observation" and "_id" in query:  # the deleted-evidence check: every count still exists
+            ids = set(query["_id"][0].split(","))
+            return 200, {}, json.dumps(bundle(*[r for r in self.counts if r.get("id") in ids]))
+        subjects = set(query.get("subject", [""])[0].split(","))
+        return 200, {}, json.dumps(bundle(*[r for r in self.context.get(kind, [])
+                                            if r["subject"]["reference"] in subjects]))
+
+    def _medication(self, request) -> tuple[int, dict, str]:
+        medication_id = urlparse(request.url).path.rsplit("/", 1)[1]
+        if medication_id not in self.medications:
+            return 404, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "not-found"}]})
+        return 200, {}, json.dumps(self.medications[medication_id])
+
+    def _transaction(self, request) -> tuple[int, dict, str]:
+        sent = json.loads(request.body)
+        self.posted.append(sent)
+        entries = [{"response": {"status": "201 Created", "location": f"X/x{i}/_history/1"}}
+                   for i, _ in enumerate(sent["entry"])]
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+    def flags(self) -> dict[str, dict]:
+        return {e["resource"]["subject"]["reference"]: e["resource"] for b in self.posted for e in b["entry"]
+                if e["resource"]["resourceType"] == "Flag"}
+
+
+def run(tmp_path, *extra: str) -> int:
+    return main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3"), *extra])
+
+
+@pytest.fixture
+def server():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield Server(mock, capability())
+
+
+def test_context_is_read_in_batches_of_subjects_never_one_request_per_patient(server, tmp_path):
+    server.counts = [anc(f"o{i}", f"p{i:02d}", 0.3) for i in range(60)] + [patient(f"p{i:02d}") for i in range(60)]
+    assert run(tmp_path) == 0
+    for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
+        searches = server.requests(kind)
+        assert len(searches) == 2, kind  # 60 patients: 50 + 10
+        subjects = [s["subject"][0].split(",") for s in searches]
+        assert [len(s) for s in subjects] == [50, 10]
+        assert sorted(p for s in subjects for p in s) == [f"Patient/p{i:02d}" for i in range(60)]
+    assert server.requests("Condition") == []  # no Duffy-null codes configured: nothing to ask
+    temperatures = server.requests("Observation")[0]
+    assert set(temperatures["code"][0].split(",")) == {"http://loinc.org|8310-5", "http://loinc.org|8331-1"}
+    assert temperatures["date"] == ["ge2026-11-19T08:00:00Z"]  # 24 h before the earliest count graded
+    assert server.requests("MedicationAdministration")[0]["effective-time"] == ["ge2026-10-09T08:00:00Z"]
+    assert server.requests("MedicationAdministration")[0]["_include"] == ["MedicationAdministration:medication"]
+
+    # The next run polls the 60 live patients for what changed, again in two batches per type.
+    calls = len(server.mock.calls)
+    assert run(tmp_path) == 0
+    polled = [q for q in server.requests("Observation")[2:]]
+    assert len(polled) == 2 and all("_lastUpdated" in q and "date" not in q for q in polled)
+    assert len(server.mock.calls) - calls < 20
+
+
+def test_the_poll_asks_only_for_patients_with_an_active_flag(server, tmp_path):
+    server.counts = [anc("o-sick", "sick", 0.3), anc("o-well", "well", 3.0), patient("sick"), patient("well")]
+    assert run(tmp_path) == 0
+    before = len(server.requests("Observation"))
+    assert run(tmp_path) == 0
+    polls = server.requests("Observation")[before:]
+    assert polls and all(q["subject"] == ["Patient/sick"] for q in polls)
+
+
+def test_a_search_the_server_does_not_declare_is_not_sent(tmp_path):
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        server = Server(mock, capability(types=("Observation", "Procedure")))
+        server.counts = [anc("o1", "p", 0.3), patient("p")]
+        assert run(tmp_path) == 0
+        assert server.requests("MedicationAdministration") == [] and server.requests("MedicationRequest") == []
+        assert len(server.requests("Procedure")) == 1 and len(server.requests("Observation")) == 1
+        assert server.flags()["Patient/p"]["status"] == "active"
+
+
+def test_a_medication_the_server_did_not_include_is_read_once(server, tmp_path):
+    server.counts = [anc("o1", "p", 0.3), anc("o2", "q", 0.3), patient("p"), patient("q")]
+    server.medications["m1"] = {"resourceType": "Medication", "id": "m1", "code": {"coding": [
+        {"system": "http://www.whocc.no/atc", "code": "L01XA02", "display": "carboplatin"}]}}
+    server.context["MedicationAdministration"] = [
+        {"resourceType": "MedicationAdministration", "id": f"ma-{pid}", "status": "completed",
+         "medicationReference": {"reference": "Medication/m1"}, "subject": {"reference": f"Patient/{pid}"},
+         "effectiveDateTime": "2026-11-17T09:00:00Z"} for pid in ("p", "q")]
+    assert run(tmp_path) == 0
+    reads = [c for c in server.mock.calls if "/Medication/" in c.request.url]
+    assert len(reads) == 1
+    for pid in ("p", "q"):
+        flag = server.flags()[f"Patient/{pid}"]
+        assert "after chemotherapy: carboplatin on 2026-11-17 (2 days before this count)" in flag["code"]["text"]
+        details = [e["valueReference"]["reference"] for e in flag["extension"] if "valueReference" in e]
+        assert details == [f"Observation/o{1 if pid == 'p' else 2}", f"MedicationAdministration/ma-{pid}"]
+
+
+def test_a_failed_context_search_still_writes_the_alert(server, tmp_path):
+    server.mock.replace(responses.GET, re.compile(rf"{re.escape(BASE)}/Procedure\b(\?.*)?$"), status=400,
+                        json={"resourceType": "OperationOutcome", "issue": [{"code": "not-supported"}]})
+    server.counts = [anc("o1", "p", 0.3), patient("p")]
+    assert run(tmp_path) == 0
+    assert [c.response.status_code for c in server.mock.calls if "/Procedure" in c.request.url] == [400]
+    flag = server.flags()["Patient/p"]
+    assert flag["status"] == "active" and flag["code"]["text"].startswith("Severe neutropenia: ANC 300")
