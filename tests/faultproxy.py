@@ -131,6 +131,7 @@ class FaultProxy:
         self.held = 0  # requests that met `hold`
         self._hold_s = 0.0
         self._hold_from = 0  # requests received before the hold starts
+        self._hold_after_method: str | None = None  # the hold starts after a request with this method
         self._received = 0
         self._released = threading.Event()
         self._jitter = random.Random(f"{seed}:jitter")
@@ -150,12 +151,14 @@ class FaultProxy:
     def start(self) -> None:
         self._thread.start()
 
-    def hold(self, seconds: float, after: int = 0) -> None:
-        """Once `after` more requests have passed, every request waits this long before anything else
-        happens (a hung server or gateway); `stop` releases them. 0 seconds ends it."""
+    def hold(self, seconds: float, after: int = 0, after_method: str | None = None) -> None:
+        """Once `after` more requests have passed — or, with `after_method`, once a request with that
+        method has passed (e.g. "POST": the first write went through) — every request waits this long
+        before anything else happens (a hung server or gateway); `stop` releases them. 0 seconds ends it."""
         with self._lock:
             self._hold_s = seconds
             self._hold_from = self._received + after
+            self._hold_after_method = after_method
 
     def stop(self) -> None:
         self._released.set()
@@ -165,10 +168,13 @@ class FaultProxy:
         self._thread.join(timeout=5)
 
     # -- used by the handler -------------------------------------------------------------------
-    def _wait_if_held(self) -> None:
+    def _wait_if_held(self, method: str) -> None:
         with self._lock:
             self._received += 1
-            hold_s = self._hold_s if self._received > self._hold_from else 0.0
+            waiting_for_method = self._hold_after_method is not None
+            hold_s = self._hold_s if self._received > self._hold_from and not waiting_for_method else 0.0
+            if waiting_for_method and method == self._hold_after_method:
+                self._hold_after_method = None  # this one passes; every later request is held
             self.held += bool(hold_s)
         if hold_s:
             self._released.wait(hold_s)
@@ -232,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        proxy._wait_if_held()
+        proxy._wait_if_held(self.command)
         fault = proxy._decide(self.command)
         if fault is not None and fault.kind == SLOW:
             time.sleep(proxy._delay())
