@@ -115,6 +115,8 @@ class ServeConfig:
     max_body_bytes: int = 1_048_576  # a hook call with its prefetch; larger is refused (400)
     fetch_timeout_s: float = 10.0  # per FHIR read when prefetch is missing (the EHR waits for the card)
     trusted_clients: tuple[TrustedClient, ...] = ()
+    # Keep R4 rest-hook Subscriptions on the FHIR server and process what they notify (docs/real-time.md).
+    subscriptions: bool = False
 
     @property
     def base_url(self) -> str:
