@@ -287,6 +287,9 @@ def _validated_serve(serve: ServeConfig) -> None:
         if not re.match(r"^https?://[^/?#@]+(/[^?#]*)?$", url):
             raise ConfigError(f"serve.fhir_servers[{i}]: must be an http(s) base URL without user, query "
                               f"or fragment, got {url!r}")
+    if serve.subscriptions and not serve.public_url and serve.host in ("0.0.0.0", "::", ""):
+        # The FHIR server cannot call back a wildcard address: it needs the URL it can reach us at.
+        raise ConfigError(f"serve.public_url: required with serve.subscriptions when host is {serve.host!r}")
     if serve.max_body_bytes < 1024:
         raise ConfigError("serve.max_body_bytes: must be >= 1024")
     if serve.fetch_timeout_s <= 0:
