@@ -16,6 +16,7 @@ which notifications never move."""
 from __future__ import annotations
 
 import hmac
+import re
 import logging
 import threading
 import time
@@ -26,12 +27,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from adapter import extract
 from adapter import state as state_module
 from adapter import subscriptions
 from adapter.config import Config
 from adapter.errors import AdapterError, LockHeldError
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
+from adapter.model import Patient
 from adapter.pipeline import Run, ServerSink
 from adapter.sources.notifications import Notification
 from adapter.sources.prefetch import TEMPERATURE_CODES
@@ -46,6 +49,7 @@ MAX_BATCH = 500  # Observations per batch, whichever comes first
 MAX_QUEUED = 20_000  # beyond this, notifications are left to the cron pass (memory stays bounded)
 LOCK_WAIT_S = 5.0  # how long a batch waits for a cron run to release the state
 _FETCH_CHUNK = 100  # ids per `_id` search (URL length)
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TEMPERATURE = frozenset(tuple(code.split("|", 1)) for code in TEMPERATURE_CODES)
 
 
@@ -202,6 +206,23 @@ class Receiver:
                         given[resource["id"]] = resource
         return list(given.values())
 
+    def _patients(self, observations: list[dict[str, Any]]) -> dict[str, Patient]:
+        """The batch's Patients in one search (a pass gets them _included with each page); any the search
+        does not return are read one by one by the pipeline, as in a pass."""
+        wanted = sorted({ref.removeprefix("Patient/") for o in observations
+                         if isinstance(o.get("subject"), dict) and isinstance(ref := o["subject"].get("reference"), str)
+                         and ref.startswith("Patient/") and _FHIR_ID.match(ref.removeprefix("Patient/"))})
+        found: dict[str, Patient] = {}
+        for start in range(0, len(wanted), _FETCH_CHUNK):
+            chunk = wanted[start:start + _FETCH_CHUNK]
+            for page in self.client.search("Patient", {"_id": ",".join(chunk), "_count": len(chunk)}):
+                for entry in page.get("entry") or []:
+                    resource = entry.get("resource") if isinstance(entry, dict) else None
+                    if isinstance(resource, dict) and resource.get("resourceType") == "Patient" \
+                            and (patient := extract.patient(resource)) and patient.patient_id in chunk:
+                        found[patient.patient_id] = patient
+        return found
+
     def _temperatures(self, temperatures: list[dict[str, Any]]) -> None:
         # MERGE(clinical context, CONTRACT §5b): a fever escalates a live Flag. Hand these to the context
         # core here, under the same lock as the pipeline batch; until then they are counted only, and the
@@ -220,6 +241,7 @@ class Receiver:
                         run = Run(self.config, self.mappings, self.client, state,
                                   ServerSink(self.client, self.output, self.config.fhir.max_bundle_entries),
                                   self.output)
+                        run.patients.add(self._patients(observations))
                         summary = run.process_notified(observations)
                     finally:
                         state.db.close()

@@ -118,13 +118,23 @@ def events(process: ServeProcess, name: str) -> list[dict]:
     return [e for e in process.events() if e.get("event") == name]
 
 
+def wait_for_log(process: ServeProcess, name: str, condition) -> list[dict]:
+    """A batch logs once its writes are on the server and the state lock is released: a Flag can be seen
+    a moment before its batch's line."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and not condition(events(process, name)):
+        time.sleep(0.05)
+    return events(process, name)
+
+
 def test_a_notified_count_gets_its_flag_without_a_run_and_the_next_run_writes_nothing(setup, served):
     setup.load(patient("rt-severe"))
     setup.put(anc("rt-severe-1", "rt-severe", 0.3, effective=RECENT))
     flags = setup.wait_for_flag("rt-severe")
     assert len(flags) == 1 and flags[0]["status"] == "active"
+    batches = wait_for_log(served, "notified-batch", lambda found: any(e["summary"].get("created") for e in found))
+    assert any(e["summary"].get("created") == 1 for e in batches)
     assert setup.ledger("rt-severe-1").version == "1"
-    assert any(e["summary"].get("created") == 1 for e in events(served, "notified-batch"))
 
     config = config_module.load(setup.config_path)
     code, summary = run_once(config, setup.state_path, "cron-after-notification")
@@ -161,7 +171,8 @@ def test_a_burst_is_processed_in_fewer_batches_than_notifications(setup, served)
     setup.load(*[anc(f"{p}-1", p, 0.4, effective=RECENT) for p in patients])
     for p in patients:
         setup.wait_for_flag(p)
-    burst = events(served, "notified-batch")[already:]
+    burst = wait_for_log(served, "notified-batch",
+                         lambda found: sum(b["observations"] for b in found[already:]) >= 30)[already:]
     assert sum(b["observations"] for b in burst) >= 30
     assert sum(b["notifications"] for b in burst) >= 30
     assert len(burst) < sum(b["notifications"] for b in burst)
@@ -175,10 +186,8 @@ def test_temperatures_reach_the_context_seam_and_not_the_ledger(setup, served):
                    "valueQuantity": {"value": 38.6, "unit": "Cel", "system": "http://unitsofmeasure.org",
                                      "code": "Cel"}}
     setup.put(temperature)
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and not any(e["temperatures"] for e in events(served, "notified-batch")):
-        time.sleep(0.1)
-    assert any(e["temperatures"] == 1 for e in events(served, "notified-batch"))
+    batches = wait_for_log(served, "notified-batch", lambda found: any(e["temperatures"] for e in found))
+    assert any(e["temperatures"] == 1 for e in batches)
     assert setup.ledger("rt-fever-t1") is None
 
 
@@ -196,11 +205,9 @@ def test_backport_handshake_heartbeat_and_id_only_notifications(setup, served):
         headers=[f"Authorization: Bearer {setup.token('anc')}"], heartbeat=1)
     subscription["id"] = "rt-backport"
     setup.put(subscription)
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and not {"handshake", "heartbeat"} <= {
-            e["kind"] for e in events(served, "notification")}:
-        time.sleep(0.1)
-    assert {"handshake", "heartbeat"} <= {e["kind"] for e in events(served, "notification")}
+    received = wait_for_log(served, "notification",
+                            lambda found: {"handshake", "heartbeat"} <= {e["kind"] for e in found})
+    assert {"handshake", "heartbeat"} <= {e["kind"] for e in received}
     status = requests.get(f"{setup.base_url}/Subscription/rt-backport", timeout=30).json()["status"]
     assert status == "active"  # the handshake was answered 200
 
