@@ -171,8 +171,8 @@ class Receiver:
         else:
             # Temperatures go to the context seam; everything else (ANC, derived-ANC inputs, and what the
             # server sent that is neither) to the pipeline, whose extraction decides as in a pass.
-            temperatures = [o for o in observations if _codes(o) & _TEMPERATURE and not _codes(o) & self._graded]
-            graded = [o for o in observations if not (_codes(o) & _TEMPERATURE and not _codes(o) & self._graded)]
+            temperatures = [o for o in observations if self._temperature(o)]
+            graded = [o for o in observations if not self._temperature(o)]
             self._temperatures(temperatures)
             if graded:
                 outcome, summary = self._pipeline(graded)
@@ -183,6 +183,10 @@ class Receiver:
             "observations": len(graded), "temperatures": len(temperatures),
             "http_requests": self.client.request_count - before,
             "duration_s": round(time.monotonic() - started, 3), "summary": summary})
+
+    def _temperature(self, observation: dict[str, Any]) -> bool:
+        codes = _codes(observation)
+        return bool(codes & _TEMPERATURE) and not codes & self._graded
 
     def _observations(self, batch: list[Notified]) -> list[dict[str, Any]]:
         """The notified Observations, one per id (the most recently updated when a burst names an id
