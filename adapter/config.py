@@ -130,6 +130,8 @@ class ServeConfig:
     max_body_bytes: int = 1_048_576  # a hook call with its prefetch; larger is refused (400)
     fetch_timeout_s: float = 10.0  # per FHIR read when prefetch is missing (the EHR waits for the card)
     trusted_clients: tuple[TrustedClient, ...] = ()
+    # Keep R4 rest-hook Subscriptions on the FHIR server and process what they notify (docs/real-time.md).
+    subscriptions: bool = False
 
     @property
     def base_url(self) -> str:
@@ -303,6 +305,9 @@ def _validated_serve(serve: ServeConfig) -> None:
         if not re.match(r"^https?://[^/?#@]+(/[^?#]*)?$", url):
             raise ConfigError(f"serve.fhir_servers[{i}]: must be an http(s) base URL without user, query "
                               f"or fragment, got {url!r}")
+    if serve.subscriptions and not serve.public_url and serve.host in ("0.0.0.0", "::", ""):
+        # The FHIR server cannot call back a wildcard address: it needs the URL it can reach us at.
+        raise ConfigError(f"serve.public_url: required with serve.subscriptions when host is {serve.host!r}")
     if serve.max_body_bytes < 1024:
         raise ConfigError("serve.max_body_bytes: must be >= 1024")
     if serve.fetch_timeout_s <= 0:

@@ -26,8 +26,9 @@ _START = "from sekmet.cli import app; app()"
 
 
 @contextmanager
-def sekmet(database: str = ":memory:", startup_timeout_s: float = 60.0) -> Iterator[str]:
-    """Start Sekmet on 127.0.0.1 and yield its base URL; stop it on exit."""
+def sekmet(database: str = ":memory:", startup_timeout_s: float = 60.0, settings: str = "") -> Iterator[str]:
+    """Start Sekmet on 127.0.0.1 and yield its base URL; stop it on exit. `settings`: more YAML lines for
+    its settings file (e.g. `subscriptions: {notify_method: post-endpoint}`)."""
     try:
         import sekmet  # noqa: F401
     except ImportError:
@@ -37,11 +38,11 @@ def sekmet(database: str = ":memory:", startup_timeout_s: float = 60.0) -> Itera
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}/fhir"
     with tempfile.TemporaryDirectory(prefix="anc-sekmet-") as workdir:
-        settings = Path(workdir, "settings.yaml")
-        settings.write_text(SETTINGS)
+        settings_file = Path(workdir, "settings.yaml")
+        settings_file.write_text(SETTINGS + settings)
         env = {
             **os.environ,
-            "SEKMET_CONFIG": str(settings),
+            "SEKMET_CONFIG": str(settings_file),
             "SEKMET_PORT": str(port),
             "SEKMET_BASE_URL": base_url,
             "SEKMET_DB": database,

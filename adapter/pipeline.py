@@ -345,6 +345,20 @@ class Run:
             self.state.set_resume_point(point)
         self.summary.resume_at = point.resume_at
 
+    def process_notified(self, observations: list[dict[str, Any]]) -> Summary:
+        """Observations a Subscription notified (`serve`, CONTRACT §10): ledgered and written exactly as
+        a page of a pass, so the next pass finds their versions processed and writes nothing twice. The
+        watermark stays: only a complete pass may move it, and a notification says nothing about what
+        was missed before it."""
+        started = time.monotonic()
+        self._pass_started = self.now()
+        self.state.start_pass()
+        self._process(observations, retry=False)
+        self.summary.watermark = self.state.watermark()
+        self.summary.http_requests = self.client.request_count
+        self.summary.duration_s = time.monotonic() - started
+        return self.summary
+
     def _retry_write_failures(self) -> None:
         self._failing = {f["patient_id"] for f in self.state.write_failures()}
         if self._failing:

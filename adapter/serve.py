@@ -35,7 +35,7 @@ from adapter.config import Config, TrustedClient
 from adapter.errors import AuthError, ConfigError, FhirError
 from adapter.mappings import Mappings
 from adapter.outputs import cards
-from adapter.sources import prefetch
+from adapter.sources import notifications, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,7 @@ class CdsService:
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.cards = Counter("anc_adapter_cds_cards", "Cards returned by service and indicator",
                              ("service", "indicator"), registry=self.registry)
+        self.receiver: Any = None  # adapter.realtime.Receiver when [serve] subscriptions = true
         if not config.serve.trusted_clients:
             log.warning("no [[serve.trusted_clients]]: every hook call will be refused (401)",
                         extra={"event": "no-trusted-clients"})
@@ -362,6 +363,10 @@ class CdsService:
             Route("/cds-services", self.discovery, methods=["GET"]),
             Route("/cds-services/{service_id}", self.hook, methods=["POST"]),
             Route("/cds-services/{service_id}/feedback", self.feedback, methods=["POST"]),
+            # Subscription notifications (CONTRACT §10): POST to the endpoint (Backport IG Bundles, a
+            # resource, an empty ping), or PUT/POST to [endpoint]/<type>/<id> (classic R4 with a payload).
+            Route("/notifications/{name}", self.notified, methods=["POST"]),
+            Route("/notifications/{name}/{resource_type}/{resource_id}", self.notified, methods=["PUT", "POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ])
@@ -405,6 +410,42 @@ class CdsService:
             response = _outcome(Refusal(500, "exception", "internal error"))
             log.error("hook call failed", extra={"event": "cds-error", "service": label,
                                                  "error_type": type(exc).__name__})
+        return self._measured(label, started, response)
+
+    async def notified(self, request: Request) -> Response:
+        """Authenticated by the Subscription's own token, queued, answered at once (adapter/realtime.py
+        says why). 401 and 400 leave nothing queued."""
+        started = time.monotonic()
+        name = request.path_params["name"]
+        receiver = self.receiver
+        label = f"notifications/{name}" if receiver is not None and receiver.known(name) else "notifications/unknown"
+        try:
+            if receiver is None or not receiver.known(name):
+                raise Refusal(404, "not-found", "no such notification endpoint")
+            if not receiver.authentic(name, request.headers.get("authorization")):
+                receiver.refused(name, "unauthorised")
+                raise _unauthorized("the Subscription's token is required (Authorization: Bearer)")
+            path = request.path_params
+            named = (path["resource_type"], path["resource_id"]) if "resource_type" in path else None
+            try:
+                notification = notifications.parse(await self._body(request), named)
+            except notifications.NotificationError as exc:
+                receiver.refused(name, "invalid")
+                raise _bad(str(exc)) from None
+            queued = receiver.accept(name, notification)
+            log.info("notification", extra={
+                "event": "notification", "subscription": name, "kind": notification.kind,
+                "observations": len(notification.observations), "ids": len(notification.observation_ids),
+                "other": notification.other, "queued": queued})
+            if not queued:
+                log.warning("the notification queue is full; the cron pass will find these",
+                            extra={"event": "notification-dropped", "subscription": name})
+            response = JSONResponse({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "information", "code": "informational", "diagnostics": "received"}]})
+        except Refusal as refusal:
+            response = _outcome(refusal)
+            log.info("notification refused", extra={"event": "notification-refused", "subscription": label,
+                                                     "status": refusal.status, "why": refusal.message})
         return self._measured(label, started, response)
 
     def _measured(self, label: str, started: float, response: Response) -> Response:
@@ -510,6 +551,9 @@ def serve(config: Config, mappings: Mappings) -> int:
     # Port 0 (any free port) is known only now; `aud` must name the port actually listened on.
     public = config.serve.public_url or f"http://{f'[{host}]' if ':' in host else host}:{port}"
     service = CdsService(config, mappings, base_url=public.rstrip("/"))
+    if config.serve.subscriptions:
+        # The socket listens already: a handshake the server sends while we register waits in its backlog.
+        service.receiver = _start_subscriptions(config, mappings, service)
     server = uvicorn.Server(uvicorn.Config(
         service.app(), log_config=None, access_log=False, server_header=False, proxy_headers=False,
         limit_concurrency=200, timeout_keep_alive=5, timeout_graceful_shutdown=20, lifespan="off"))
@@ -522,10 +566,27 @@ def serve(config: Config, mappings: Mappings) -> int:
     log.info("serving CDS Hooks", extra={"event": "serve-start", "host": host, "port": port,
                                          "public_url": service.base_url,
                                          "fhir_servers": len(config.serve.fhir_servers),
-                                         "trusted_clients": len(config.serve.trusted_clients)})
+                                         "trusted_clients": len(config.serve.trusted_clients),
+                                         "subscriptions": config.serve.subscriptions})
     server.run(sockets=[listener])
+    if service.receiver is not None:
+        service.receiver.batcher.stop()  # what was queued before the stop is processed, then we exit
     log.info("stopped", extra={"event": "serve-stop", "signal": [signal.Signals(s).name for s in stops]})
     return 0
+
+
+def _start_subscriptions(config: Config, mappings: Mappings, service: CdsService) -> Any:
+    from adapter import cli, realtime
+    from adapter.state import State
+
+    client = cli._client(config)
+    state = State.open(Path(config.state.path))
+    try:
+        # The write modes are pinned in the state at first use, exactly as `run` does.
+        output = cli._output(config, client, state)
+        return realtime.start(config, mappings, client, output, state, service.base_url, service.registry)
+    finally:
+        state.db.close()
 
 
 def _drop_color_message(record: logging.LogRecord) -> bool:

@@ -103,13 +103,15 @@ class ServeProcess:
 
 
 @contextmanager
-def serve_process(config_path: Path, directory: Path, startup_timeout_s: float = 60.0) -> Iterator[ServeProcess]:
-    """`anc-adapter serve` on a free loopback port (port 0; the port comes from its start-up log line)."""
-    log_path = directory / "serve.log"
+def serve_process(config_path: Path, directory: Path, startup_timeout_s: float = 60.0,
+                  port: int = 0, log_name: str = "serve.log") -> Iterator[ServeProcess]:
+    """`anc-adapter serve` on a loopback port (by default a free one; the port comes from its start-up log
+    line)."""
+    log_path = directory / log_name
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "adapter", "serve", "--config", str(config_path), "--host", "127.0.0.1",
-         "--port", "0", "--log-format", "json"],
+         "--port", str(port), "--log-format", "json"],
         stdout=subprocess.DEVNULL, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     served = ServeProcess(process, log_path)
     try:

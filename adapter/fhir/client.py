@@ -115,6 +115,10 @@ class FhirClient:
     def get(self, path_or_url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("GET", self._url(path_or_url), params=params)
 
+    def update(self, path: str, resource: dict[str, Any]) -> dict[str, Any]:
+        """PUT one resource to its own id. Retried: a PUT to a fixed id is idempotent."""
+        return self._call("PUT", self._url(path), body=resource)
+
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         """POST a transaction/batch Bundle. Retried: every entry we send is a conditional (idempotent) write."""
         return self._call("POST", self.base_url, body=bundle)

@@ -177,7 +177,9 @@ def _load(tmp_path: Path, text: str):
     ('[serve]\norder_sign_recent = "7 days"\n', "serve.order_sign_recent"),
     ('[serve]\nmax_body_bytes = 10\n', "serve.max_body_bytes"),
     ('[serve]\nport = 70000\n', "serve.port"),
-    ('[serve]\nsubscriptions = true\n', "unknown key"),
+    # Subscription mode exists now (docs/real-time.md): the key is known, and typed.
+    ('[serve]\nsubscriptions = "yes"\n', "serve.subscriptions"),
+    ('[serve]\nsubscriptions = true\nhost = "0.0.0.0"\n', "serve.public_url: required with serve.subscriptions"),
 ])
 def test_serve_config_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as caught:
