@@ -37,8 +37,10 @@ def templates(mappings: Mappings) -> dict[str, str]:
         "patient": f"Patient/{TOKEN}",
         "ancCounts": f"Observation?patient={TOKEN}&code={anc}&_sort=-date&_count=50",
         "temperatures": f"Observation?patient={TOKEN}&code={temperatures}&_sort=-date&_count=50",
-        "medicationAdministrations": f"MedicationAdministration?patient={TOKEN}&_count=100",
-        "medicationRequests": f"MedicationRequest?patient={TOKEN}&_count=100",
+        # With the Medication a medicationReference points at: its code is what says chemotherapy.
+        "medicationAdministrations": f"MedicationAdministration?patient={TOKEN}&_count=100"
+                                     "&_include=MedicationAdministration:medication",
+        "medicationRequests": f"MedicationRequest?patient={TOKEN}&_count=100&_include=MedicationRequest:medication",
         "procedures": f"Procedure?patient={TOKEN}&_count=100",
         "conditions": f"Condition?patient={TOKEN}&clinical-status=active&_count=100",
     }
