@@ -108,7 +108,8 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
     svg += _threshold_lines(shown, bands, x, y, start, end)
     svg += _y_axis(y, y_max, sorted({bound for band in bands for _, bound in band}))
     svg += _x_axis(x, start, end, _TOP + plot_h)
-    for mark in marks:
+    label_ends: list[float] = []  # per row of mark labels, where its last label ends
+    for mark in sorted(marks, key=lambda m: m.at):
         colour = MARK_COLOUR.get(mark.kind, OTHER_COLOUR)
         if mark.until is not None and mark.until > mark.at:
             svg.append(f'<rect class="context" x="{x(mark.at):.1f}" y="{_TOP}" '
@@ -117,7 +118,14 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
         svg.append(f'<line class="context" x1="{x(mark.at):.1f}" x2="{x(mark.at):.1f}" y1="{_TOP}" '
                    f'y2="{_TOP + plot_h}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3">'
                    f"<title>{_e(mark.kind)}: {_e(mark.label)} ({_e(_when(mark.at))})</title></line>")
-        svg.append(f'<text x="{x(mark.at) + 3:.1f}" y="{_TOP + plot_h - 4}" fill="{colour}">{_e(mark.label)}</text>')
+        # Marks close in time (a fever two hours after a count, a projection from the same count) would
+        # print their labels over each other: each label takes the lowest row where it fits.
+        left = x(mark.at) + 3
+        row = next((i for i, used in enumerate(label_ends) if left > used + 6), len(label_ends))
+        if row == len(label_ends):
+            label_ends.append(0.0)
+        label_ends[row] = left + 6.2 * len(mark.label)
+        svg.append(f'<text x="{left:.1f}" y="{_TOP + plot_h - 4 - 13 * row}" fill="{colour}">{_e(mark.label)}</text>')
     points = " ".join(f"{x(r.effective):.1f},{y(r.count.anc_per_ul):.1f}" for r, _ in shown)
     svg.append(f'<polyline points="{points}" fill="none" stroke="#546e7a" stroke-width="1.2"/>')
     for reading, result in shown:
