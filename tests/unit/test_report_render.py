@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import re
@@ -341,3 +342,20 @@ def test_a_site_marked_duffy_null_patient_is_graded_and_drawn_against_the_floor(
         graded(state, "only-ok", 1, 1300, Grade.MILD, 1)
     again, _ = rendered(state, rules=RULES)
     assert "only-ok" not in [p.patient_id for p in again.flagged]
+
+
+def test_mark_labels_close_in_time_take_separate_rows_and_stay_inside_the_chart(state):
+    with state.transaction():
+        graded(state, "p", 1, 300, Grade.SEVERE, 0)
+        graded(state, "p", 2, 250, Grade.SEVERE, 5)
+    marks = [ContextMark(DAY0 + timedelta(hours=1), "38.6 °C", "fever"),
+             ContextMark(DAY0 + timedelta(hours=3), "cyclophosphamide", "chemotherapy"),
+             ContextMark(DAY0 + timedelta(days=5), "projected < 500 by 11-07 06:00", "projection")]
+    _, document = rendered(state, context=lambda patient_id: marks)
+    labels = {html.unescape(m.group(3)): (float(m.group(1)), float(m.group(2)), 'text-anchor="end"' in m.group(0))
+              for m in re.finditer(r'<text x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>',
+                                   patient_sections(document)["p"])
+              if html.unescape(m.group(3)) in {mark.label for mark in marks}}
+    assert labels["38.6 °C"][1] != labels["cyclophosphamide"][1]  # two hours apart: one above the other
+    x, _, leftwards = labels["projected < 500 by 11-07 06:00"]
+    assert leftwards and x <= 760  # at the right edge: written leftwards from its line
