@@ -22,7 +22,7 @@ from adapter.clinical.assess import AssessedCount, AssessedEpisode
 from adapter.clinical.context import Fever
 from adapter.config import ClassifyConfig, Config, ContextConfig
 from adapter.mappings import Band, Coding, ContextMappings, Mappings
-from adapter.model import AgeBand, Classification, Grade, Quarantine, Reading
+from adapter.model import AgeBand, Classification, Quarantine, Reading
 from adapter.state import ContextFact
 
 Graded = tuple[Reading, Classification]
