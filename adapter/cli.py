@@ -19,6 +19,7 @@ from adapter import metrics
 from adapter import mappings as mappings_module
 from adapter import state as state_module
 from adapter import stopping
+from adapter.clinical import assess
 from adapter.config import Config
 from adapter.errors import AdapterError, ConfigError, ExitCode
 from adapter.fhir import auth, capability
@@ -333,16 +334,19 @@ def _cmd_report(args: argparse.Namespace, run_id: str) -> int:
 
 def write_report(config: Config, state_path: Path, target: Path, since: datetime | None = None,
                  until: datetime | None = None) -> report.ReportData:
-    """Read one state file (read-only) and write its HTML review to `target` (0600). Clinical context
-    marks on the timelines plug in here: `report.render(..., context=<patient id -> [ContextMark]>)`."""
-    thresholds = mappings_module.load(config.mappings.path).thresholds
+    """Read one state file (read-only) and write its HTML review to `target` (0600). The counts and the
+    clinical context stored for them are assessed with the rules `run` uses, so the timelines show the
+    grades, febrile episodes and context marks behind the Flags."""
+    mappings = mappings_module.load(config.mappings.path)
     state = State.open_readonly(state_path)
     try:
-        data = report.collect(state, str(state_path), thresholds, since=since, until=until,
-                              default_lln=config.classify.default_lln)
+        data = report.collect(state, str(state_path), mappings.thresholds, since=since, until=until,
+                              default_lln=config.classify.default_lln,
+                              rules=assess.Rules.from_config(config, mappings))
     finally:
         state.db.close()
-    report.write(target, report.render(data, generated=datetime.now(timezone.utc)))
+    document = report.render(data, generated=datetime.now(timezone.utc), context=report.context_marks(data))
+    report.write(target, document)
     return data
 
 

@@ -142,6 +142,16 @@ def _medication_code(resource: Mapping[str, Any], medications: Mapping[str, Mapp
     return None
 
 
+def is_chemotherapy(system: Any, code: Any, mappings: ContextMappings) -> bool:
+    """Is this coding on a chemotherapy list of mappings/context.toml? The one test for a record `run`
+    reads and for an order `serve` sees at order-sign."""
+    if not isinstance(code, str):
+        return False
+    return ((system == ATC and bool(mappings.atc_prefixes) and code.startswith(mappings.atc_prefixes))
+            or (system == RXNORM and code in mappings.rxnorm)
+            or (system == SNOMED and code in mappings.snomed_procedures))
+
+
 def _chemotherapy_name(code: Any, mappings: ContextMappings) -> str:
     """The name the text shows when the code is on a chemotherapy list, else "" (not chemotherapy).
     The matching coding's display, else the concept's text, else our list's name, else the code."""
@@ -152,10 +162,7 @@ def _chemotherapy_name(code: Any, mappings: ContextMappings) -> str:
         if not isinstance(coding, dict) or not isinstance(coding.get("code"), str):
             continue
         system, value = coding.get("system"), coding["code"]
-        matched = ((system == ATC and value.startswith(mappings.atc_prefixes) and bool(mappings.atc_prefixes))
-                   or (system == RXNORM and value in mappings.rxnorm)
-                   or (system == SNOMED and value in mappings.snomed_procedures))
-        if matched:
+        if is_chemotherapy(system, value, mappings):
             display = coding.get("display") if isinstance(coding.get("display"), str) else ""
             fallback = mappings.rxnorm.get(value, "") if system == RXNORM else ""
             return (display or text or fallback or value).strip()

@@ -211,7 +211,7 @@ class Run:
         self._run_max: datetime | None = None  # … of this run's committed pages
         self._page_max: datetime | None = None  # … of the page being processed (not committed yet)
         self._reread_from: datetime | None = None  # the result set moved under us: read again from here
-        self.rules = _rules(config, mappings)
+        self.rules = assess.Rules.from_config(config, mappings)
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
         self._undeclared_said: set[str] = set()
@@ -768,17 +768,6 @@ class Run:
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     return b if a is None else a if b is None else max(a, b)
-
-
-def _rules(config: Config, mappings: Mappings) -> assess.Rules:
-    switches = config.context
-    return assess.Rules(
-        profile=config.classify.profile, thresholds=mappings.thresholds, default_lln=config.classify.default_lln,
-        febrile_rules=mappings.context.febrile, febrile=switches.febrile, projection=switches.projection,
-        chemotherapy=switches.chemotherapy, duffy_null=switches.duffy_null,
-        chemotherapy_lookback=switches.chemotherapy_lookback_delta,
-        duffy_null_floor=mappings.context.duffy_null_floor,
-    )
 
 
 def _newer(mine: str, theirs: str) -> bool:

@@ -61,9 +61,9 @@ class Service:
 
 SERVICES = {s.id: s for s in (
     Service("anc-patient-view", "patient-view", "Neutropenia from the latest absolute neutrophil count",
-            # MERGE: "critical (severe, or febrile neutropenia)" once the context core is wired.
-            "A card when the patient's latest ANC shows neutropenia: critical (severe), warning "
-            "(moderate), info (mild); no card when it is normal."),
+            "A card when the patient's latest ANC shows neutropenia: critical (severe, or febrile "
+            "neutropenia), warning (moderate), info (mild), with the fever, projection, chemotherapy and "
+            "any site-marked Duffy-null threshold behind it; no card when it is normal."),
     Service("anc-order-sign", "order-sign", "ANC check before signing a chemotherapy order",
             "A warning when a chemotherapy order is signed while the latest ANC is abnormal, or when there "
             "is no ANC recent enough to know."),

@@ -1,6 +1,6 @@
 """Make docs/report-demo.png: run `anc-adapter demo` (its go-live review writes a report from the demo
 data), open that report in headless Chromium and capture the page from the top down to the timeline of
-the demo patient with a course of counts.
+the demo patient with a course of counts and the febrile patient after chemotherapy.
 
     .venv/bin/python tests/report_screenshot.py [docs/report-demo.png]
 
@@ -40,10 +40,13 @@ def screenshot(report: Path, target: Path) -> None:
         leaked = [r.url for r in requests_made(driver) if r.url != report.resolve().as_uri()]
         if leaked:
             raise SystemExit(f"the report made requests: {leaked}")
-        # Down to the demo's patient with a course of counts (the page goes on with one chart per patient).
+        # Down to the demo's patient with a course of counts and its febrile patient after chemotherapy,
+        # whichever comes later (the page goes on with one chart per patient).
         height = driver.execute_script(
-            "const s = document.querySelector('section.patient[data-patient=\"demo-chemo-course\"]');"
-            "return s ? s.getBoundingClientRect().bottom + window.scrollY : document.documentElement.scrollHeight")
+            "const s = [...document.querySelectorAll('section.patient[data-patient=\"demo-chemo-course\"],"
+            " section.patient[data-patient=\"demo-febrile\"]')];"
+            "return s.length ? Math.max(...s.map(e => e.getBoundingClientRect().bottom)) + window.scrollY"
+            " : document.documentElement.scrollHeight")
         driver.set_window_size(WIDTH, int(height) + 20)
         target.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(target))

@@ -11,12 +11,17 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from adapter.clinical import classify, context
 from adapter.clinical.context import Chemotherapy, Context, Fever, Projection
 from adapter.clinical.episodes import Episode, Graded, episodes
 from adapter.mappings import FebrileRules, Thresholds
 from adapter.model import Classification, Grade, Reading
+
+if TYPE_CHECKING:  # the core reads a Config, it does not load one
+    from adapter.config import Config
+    from adapter.mappings import Mappings
 
 PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW = "PH", "PM", "PL"
 
@@ -35,6 +40,19 @@ class Rules:
     duffy_null: bool = True
     chemotherapy_lookback: timedelta = timedelta(days=42)
     duffy_null_floor: float = 1210.0
+
+    @classmethod
+    def from_config(cls, config: Config, mappings: Mappings) -> Rules:
+        """The one way every output (run's writeback, serve's cards, the report) builds its rules, so
+        that a card, a Flag and a report timeline can never grade the same counts differently."""
+        switches = config.context
+        return cls(
+            profile=config.classify.profile, thresholds=mappings.thresholds,
+            default_lln=config.classify.default_lln, febrile_rules=mappings.context.febrile,
+            febrile=switches.febrile, projection=switches.projection, chemotherapy=switches.chemotherapy,
+            duffy_null=switches.duffy_null, chemotherapy_lookback=switches.chemotherapy_lookback_delta,
+            duffy_null_floor=mappings.context.duffy_null_floor,
+        )
 
 
 @dataclass(frozen=True)

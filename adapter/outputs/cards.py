@@ -1,34 +1,38 @@
 """One patient's FHIR resources -> CDS Hooks 2.0 cards (CONTRACT §8). Pure: no HTTP, no files, no clock
 ("now" comes in). `serve` brings the resources (from prefetch or fetched) and sends the cards back.
 
-The clinical reasoning has one home here, `_assess`: today it runs the same stages as `run` (extract,
-units, classify, episodes); the clinical-context core (febrile neutropenia, projection, chemotherapy,
-Duffy-null) plugs in there and nowhere else (see MERGE below)."""
+The clinical reasoning has one home here, `_assess`: the same stages as `run` (extract, units, classify,
+then the assessment core of adapter/clinical/assess.py: episodes, febrile neutropenia, projection,
+chemotherapy, a site-marked Duffy-null threshold), with the same rules (`assess.Rules.from_config`), so a
+card and the Flag `run` writes for the same data agree."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any
 
-from adapter import extract
-from adapter.clinical import classify, episodes
-from adapter.config import Config
-from adapter.mappings import Band, Coding, Mappings
-from adapter.model import AgeBand, Classification, Grade, Quarantine, Reading
+from adapter import context_extract, extract
+from adapter.clinical import assess as assess_module
+from adapter.clinical import classify, context
+from adapter.clinical.assess import AssessedCount, AssessedEpisode
+from adapter.clinical.context import Fever
+from adapter.config import ClassifyConfig, Config, ContextConfig
+from adapter.mappings import Band, Coding, ContextMappings, Mappings
+from adapter.model import AgeBand, Classification, Quarantine, Reading
+from adapter.state import ContextFact
 
 Graded = tuple[Reading, Classification]
 
 SUMMARY_MAX = 139  # CDS Hooks 2.0: summary "<140 characters"
 RECENT_SHOWN = 5  # counts listed in a card's detail
 
-_INDICATOR = {
-    Grade.SEVERE: "critical", Grade.CTCAE_4: "critical",
-    Grade.MODERATE: "warning", Grade.CTCAE_3: "warning",
-    Grade.MILD: "info", Grade.CTCAE_2: "info", Grade.CTCAE_1: "info",
-}
+# The card's indicator is the Flag's priority (CONTRACT §6, §8): febrile or severe high, moderate medium.
+_INDICATOR = {assess_module.PRIORITY_HIGH: "critical", assess_module.PRIORITY_MEDIUM: "warning",
+              assess_module.PRIORITY_LOW: "info"}
 _PROFILE_LABEL = {"clinical": "clinical profile", "ctcae-v5": "CTCAE v5 profile"}
 _BAND_LABEL = {
     AgeBand.ADULT: "adult thresholds (1 year and older)",
@@ -37,27 +41,20 @@ _BAND_LABEL = {
     AgeBand.NEONATE: "neonate thresholds (under 2 weeks)",
 }
 
-ATC = "http://www.whocc.no/atc"
-SNOMED = "http://snomed.info/sct"
+ATC = context_extract.ATC
+SNOMED = context_extract.SNOMED
+RXNORM = context_extract.RXNORM
 
 
 @dataclass(frozen=True)
 class ChemotherapyCodes:
-    """What makes an order or a record chemotherapy (CONTRACT §5b).
+    """What makes an order chemotherapy (CONTRACT §5b): the lists of mappings/context.toml (ATC prefixes,
+    RxNorm ingredients, SNOMED procedures), tested exactly as `run` tests the records it reads."""
 
-    MERGE: the clinical-context branch ships these lists in mappings/context.toml (RxNorm ingredients,
-    ATC prefixes, SNOMED procedures); build this from its loader then. Until then only the two codes
-    DOMAIN-level sources name without further verification: ATC group L01 "Antineoplastic agents" and
-    SNOMED CT 367336001 "Chemotherapy (procedure)". RxNorm codes are deliberately absent until verified."""
-
-    codes: frozenset[Coding] = frozenset({(SNOMED, "367336001")})
-    prefixes: tuple[Coding, ...] = ((ATC, "L01"),)
+    mappings: ContextMappings
 
     def matches(self, coding: Coding) -> bool:
-        system, code = coding
-        return coding in self.codes or any(
-            system == p_system and isinstance(code, str) and code.startswith(prefix)
-            for p_system, prefix in self.prefixes)
+        return context_extract.is_chemotherapy(coding[0], coding[1], self.mappings)
 
 
 @dataclass(frozen=True)
@@ -70,13 +67,24 @@ class Rules:
     default_lln: float = 2000.0
     statuses: tuple[str, ...] = ("final", "amended", "corrected")
     order_sign_recent: timedelta = timedelta(days=7)
-    chemotherapy: ChemotherapyCodes = field(default_factory=ChemotherapyCodes)
+    context: ContextConfig = field(default_factory=ContextConfig)  # [context] switches, as for `run`
 
     @classmethod
     def from_config(cls, config: Config, mappings: Mappings) -> Rules:
         return cls(mappings=mappings, profile=config.classify.profile, pediatric=config.classify.pediatric,
                    default_lln=config.classify.default_lln, statuses=config.poll.statuses,
-                   order_sign_recent=config.serve.order_sign_window)
+                   order_sign_recent=config.serve.order_sign_window, context=config.context)
+
+    @cached_property
+    def core(self) -> assess_module.Rules:
+        """The assessment core's rules, built by the same function `run` uses."""
+        config = Config(classify=ClassifyConfig(profile=self.profile, pediatric=self.pediatric,
+                                                default_lln=self.default_lln), context=self.context)
+        return assess_module.Rules.from_config(config, self.mappings)
+
+    @property
+    def chemotherapy(self) -> ChemotherapyCodes:
+        return ChemotherapyCodes(self.mappings.context)
 
 
 @dataclass(frozen=True)
@@ -93,38 +101,49 @@ class PatientRecords:
 
 @dataclass(frozen=True)
 class Assessment:
-    counts: tuple[Graded, ...]  # this patient's graded counts, newest first
+    counts: tuple[Graded, ...]  # this patient's graded counts (Duffy-null threshold applied), newest first
     ungraded: tuple[str, ...]  # quarantine reasons of counts that could not be graded (codes only)
-    episode: episodes.Episode | None  # the open episode when the latest count is abnormal
-    # MERGE: what the context core finds (febrile neutropenia, projection, chemotherapy, Duffy-null).
-    febrile: bool = False  # makes the card critical whatever the grade
-    context: tuple[str, ...] = ()  # one markdown line each, shown under the counts
+    episode: AssessedEpisode | None  # the open episode when the latest count is abnormal
+    latest_assessed: AssessedCount | None = None  # the latest count with its context
+    unread: tuple[str, ...] = ()  # quarantine reasons of temperatures that could not be read (codes only)
 
     @property
     def latest(self) -> Graded | None:
         return self.counts[0] if self.counts else None
 
+    @property
+    def fever(self) -> Fever | None:
+        """Febrile neutropenia in the open episode: it stays until the episode closes, as on the Flag."""
+        return self.episode.fever if self.episode is not None else None
+
+    @property
+    def indicator(self) -> str:
+        return _INDICATOR[self.episode.priority] if self.episode is not None else "info"
+
 
 def patient_view(records: PatientRecords, rules: Rules, now: datetime) -> list[dict[str, Any]]:
-    """A card when the latest count is abnormal (or febrile); none when it is normal or there is none."""
+    """A card when the latest count is abnormal; none when it is normal or there is none (a fever with a
+    normal count is no card, as `run` writes no Flag for it). The indicator is the priority `run` gives
+    the Flag: critical when febrile or severe."""
     assessment = _assess(records, rules, now)
     latest = assessment.latest
-    if latest is None or not (latest[1].grade.abnormal or assessment.febrile):
+    if latest is None or assessment.episode is None or not latest[1].grade.abnormal:
         return []
     reading, result = latest
-    indicator = "critical" if assessment.febrile else _INDICATOR[result.grade]
-    # MERGE: a febrile assessment's summary leads with "Febrile neutropenia".
     summary = f"{_label(result)}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
+    if assessment.fever is not None:
+        summary = f"Febrile neutropenia: {_fever_short(assessment.fever)} with {summary[0].lower()}{summary[1:]}"
     detail = "\n\n".join(part for part in (
         f"**{_label(result)}**: ANC {reading.count} cells/µL on {_when(reading.effective)}.",
         _episode_line(assessment.episode),
-        *assessment.context,
+        *_context_lines(assessment),
         _counts_table(assessment.counts),
         _ungraded_line(assessment.ungraded),
+        _unread_line(assessment.unread),
         _notes_line(result),
-        _rule_line(latest, rules),
+        _rule_line(latest, rules, assessment),
     ) if part)
-    return [_card(summary, indicator, detail, rules)]
+    return [_card(summary, assessment.indicator, detail, rules)]
 
 
 def order_sign(records: PatientRecords, draft_orders: Mapping[str, Any], rules: Rules,
@@ -150,18 +169,19 @@ def order_sign(records: PatientRecords, draft_orders: Mapping[str, Any], rules: 
         ) if part)
         return [_card(summary, "warning", detail, rules)]
     reading, result = latest
-    if not (result.grade.abnormal or assessment.febrile):
+    if assessment.episode is None or not result.grade.abnormal:
         return []
     summary = (f"Chemotherapy order: latest ANC {reading.count} cells/µL ({_label(result).lower()}) "
                f"on {reading.effective.date().isoformat()}")
     detail = "\n\n".join(part for part in (
         f"**{_label(result)}** on the latest count before ordering: {names}.",
         _episode_line(assessment.episode),
-        *assessment.context,
+        *_context_lines(assessment),
         _counts_table(assessment.counts),
         _ungraded_line(assessment.ungraded),
+        _unread_line(assessment.unread),
         _notes_line(result),
-        _rule_line(latest, rules),
+        _rule_line(latest, rules, assessment),
     ) if part)
     return [_card(summary, "warning", detail, rules)]
 
@@ -185,10 +205,8 @@ def chemotherapy_orders(draft_orders: Mapping[str, Any], codes: ChemotherapyCode
 # --- the clinical core -------------------------------------------------------------------------------
 
 def _assess(records: PatientRecords, rules: Rules, now: datetime) -> Assessment:
-    """MERGE: this is the one place where the assessment core (adapter/clinical/, `assess`) is wired.
-    Replace the body with a call to it, passing records.patient, records.observations (ANC and
-    temperature), records.chemotherapy, records.conditions and `now`, and map its result onto
-    Assessment (counts, episode, febrile, context lines). Everything above renders an Assessment only."""
+    """Grade the counts as `run` does, read the context as `run` does (context_extract), then hand both
+    to the assessment core. `now` is not used by the grading: a card says what the data says."""
     patient = extract.patient(records.patient) if records.patient else None
     if patient is not None and patient.patient_id != records.patient_id:
         patient = None  # never grade one patient by another's birth date
@@ -208,10 +226,33 @@ def _assess(records: PatientRecords, rules: Rules, now: datetime) -> Assessment:
             else:
                 graded[outcome.observation_id] = (outcome, result)
     # Derived ANC ([classify] derive) is not computed here: a card shows measured counts only.
-    counts = sorted(graded.values(), key=lambda g: (g[0].effective, g[0].observation_id), reverse=True)
-    found = episodes.episodes(counts)
-    open_episode = found[-1] if found and found[-1].closed_by is None else None
-    return Assessment(counts=tuple(counts), ungraded=tuple(ungraded), episode=open_episode)
+    facts, unread = _context_facts(records, rules)
+    found = assess_module.assess(graded.values(), context_extract.context(facts), rules.core)
+    last = found.episodes[-1] if found.episodes else None
+    return Assessment(
+        counts=tuple(c.graded for c in reversed(found.counts)), ungraded=tuple(ungraded),
+        episode=last if last is not None and last.episode.closed_by is None else None,
+        latest_assessed=found.counts[-1] if found.counts else None, unread=tuple(unread),
+    )
+
+
+def _context_facts(records: PatientRecords, rules: Rules) -> tuple[list[ContextFact], list[str]]:
+    """This patient's temperatures, chemotherapy records and Duffy-null markers as `run` stores them,
+    and the reasons of temperatures that could not be read safely (quarantined by `run`, left out here)."""
+    medications = {r["id"]: r for r in records.chemotherapy
+                   if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str)}
+    facts: dict[tuple[str, str], ContextFact] = {}
+    unread: list[str] = []
+    for resource in (*records.observations, *records.chemotherapy, *records.conditions):
+        if resource.get("resourceType") == "Medication":
+            continue
+        fact = context_extract.fact(resource, rules.mappings.context, rules.statuses, medications)
+        if isinstance(fact, Quarantine):
+            if extract._patient_id(resource.get("subject")) == records.patient_id:
+                unread.append(fact.reason.value)
+        elif fact is not None and fact.patient_id == records.patient_id and fact.kind != "none":
+            facts.setdefault((fact.resource_type, fact.resource_id), fact)
+    return list(facts.values()), unread
 
 
 def _classify(reading: Reading, patient: Any, rules: Rules) -> Classification | Quarantine:
@@ -244,7 +285,8 @@ def _when(moment: datetime) -> str:
                                                else moment.strftime(" %z"))
 
 
-def _episode_line(episode: episodes.Episode | None) -> str:
+def _episode_line(assessed: AssessedEpisode | None) -> str:
+    episode = assessed.episode if assessed is not None else None
     if episode is None or episode.first is episode.latest:
         return ""
     return (f"Neutropenic since {_when(episode.start)}: {len(episode.evidence)} abnormal counts in this "
@@ -263,11 +305,68 @@ def _ungraded_line(reasons: tuple[str, ...]) -> str:
             f"({', '.join(sorted(set(reasons)))}).")
 
 
+def _fever_short(fever: Fever) -> str:
+    hottest = max(t.celsius for t in fever.readings)
+    return f"{hottest:.1f} °C" + (" sustained" if fever.sustained else "")
+
+
+def _fever_text(fever: Fever) -> str:
+    """As the Flag's text says it (°C with one decimal, °F as recorded when that is how it came)."""
+    if fever.sustained:
+        first, last = fever.readings[0], fever.readings[-1]
+        return (f"temperature ≥ {fever.threshold:.1f} °C from {_when(first.time)} to {_when(last.time)} "
+                f"({len(fever.readings)} readings)")
+    reading = fever.readings[0]
+    recorded = f" ({reading.recorded} as recorded)" if reading.recorded else ""
+    return f"temperature {reading.celsius:.1f} °C{recorded} at {_when(reading.time)}"
+
+
+def _context_lines(assessment: Assessment) -> list[str]:
+    """What the data around the counts shows (CONTRACT §5b), one markdown paragraph each; nothing is said
+    about what is not there."""
+    lines = []
+    if assessment.fever is not None:
+        lines.append(f"**Febrile neutropenia**: {_fever_text(assessment.fever)}.")
+    latest = assessment.latest_assessed
+    if latest is None:
+        return lines
+    if latest.projection is not None:
+        lines.append(f"Projected to fall below 500 cells/µL by {_when(latest.projection.below_by)} "
+                     "(the fall since the previous count continuing at the same rate per hour).")
+    if latest.chemotherapy is not None:
+        chemo = latest.chemotherapy
+        days = context.days_before(chemo, latest.reading.effective)
+        lines.append(f"After chemotherapy: {chemo.name} on {chemo.time.astimezone(timezone.utc).date().isoformat()} "
+                     f"({days} days before this count).")
+    if latest.duffy_null_floor is not None:
+        lines.append(f"Site-marked Duffy-null threshold: normal from {latest.duffy_null_floor:g} cells/µL "
+                     "(the site marks this patient; never inferred).")
+    return lines
+
+
+def _unread_line(reasons: tuple[str, ...]) -> str:
+    if not reasons:
+        return ""
+    return (f"{len(reasons)} temperature(s) could not be read and are not used "
+            f"({', '.join(sorted(set(reasons)))}).")
+
+
 def _notes_line(result: Classification) -> str:
     return f"Note: {'; '.join(result.notes)}." if result.notes else ""
 
 
-def _rule_line(graded: Graded, rules: Rules) -> str:
+def _rule_line(graded: Graded, rules: Rules, assessment: Assessment) -> str:
+    line = _grade_rule(graded, rules, assessment.latest_assessed)
+    if assessment.fever is not None:
+        febrile = rules.core.febrile_rules
+        line += (f" Febrile neutropenia (IDSA): one temperature ≥ {febrile.single_celsius:g} °C, or "
+                 f"≥ {febrile.sustained_celsius:g} °C over {febrile.sustained_minutes:g} minutes, within "
+                 f"{febrile.window_hours:g} hours of a count below {febrile.anc_below:g} cells/µL or one "
+                 f"projected to fall below it within {febrile.projection_hours:g} hours.")
+    return line
+
+
+def _grade_rule(graded: Graded, rules: Rules, latest: AssessedCount | None) -> str:
     reading, result = graded
     if rules.profile == "ctcae-v5":
         lln = reading.lln_per_ul if reading.lln_per_ul is not None else rules.default_lln
@@ -275,9 +374,14 @@ def _rule_line(graded: Graded, rules: Rules) -> str:
         lln_source = "the lab's reference range" if reading.lln_per_ul is not None else "`[classify] default_lln`"
         return (f"Rule: CTCAE v5 \"Neutrophil count decreased\": {bounds} cells/µL; grade 1 below the lower "
                 f"limit of normal, {lln:g} cells/µL ({lln_source}).")
-    table = _band_table(result.age_band, rules.mappings.thresholds)
+    thresholds, marked = rules.mappings.thresholds, ""
+    if latest is not None and latest.duffy_null_floor is not None:
+        lowered = context.duffy_null_thresholds(thresholds, result.age_band, latest.duffy_null_floor)
+        if lowered is not None:
+            thresholds, marked = lowered, ", with the site-marked Duffy-null threshold"
+    table = _band_table(result.age_band, thresholds)
     bounds = ", ".join(f"{name} < {bound:g}" for name, bound in table.bounds)
-    return f"Rule: clinical profile, {_BAND_LABEL[result.age_band]}: {bounds} cells/µL."
+    return f"Rule: clinical profile, {_BAND_LABEL[result.age_band]}{marked}: {bounds} cells/µL."
 
 
 def _band_table(band: AgeBand, thresholds: Any) -> Band:

@@ -108,7 +108,8 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
     svg += _threshold_lines(shown, bands, x, y, start, end)
     svg += _y_axis(y, y_max, sorted({bound for band in bands for _, bound in band}))
     svg += _x_axis(x, start, end, _TOP + plot_h)
-    for mark in marks:
+    label_rows: list[list[tuple[float, float]]] = []  # per row of mark labels, the stretches they take
+    for mark in sorted(marks, key=lambda m: m.at):
         colour = MARK_COLOUR.get(mark.kind, OTHER_COLOUR)
         if mark.until is not None and mark.until > mark.at:
             svg.append(f'<rect class="context" x="{x(mark.at):.1f}" y="{_TOP}" '
@@ -117,7 +118,20 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
         svg.append(f'<line class="context" x1="{x(mark.at):.1f}" x2="{x(mark.at):.1f}" y1="{_TOP}" '
                    f'y2="{_TOP + plot_h}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3">'
                    f"<title>{_e(mark.kind)}: {_e(mark.label)} ({_e(_when(mark.at))})</title></line>")
-        svg.append(f'<text x="{x(mark.at) + 3:.1f}" y="{_TOP + plot_h - 4}" fill="{colour}">{_e(mark.label)}</text>')
+        # Marks close in time (a fever two hours after a count, a projection from the same count) would
+        # print their labels over each other: each label takes the lowest row where it fits.
+        # A label that would run off the right edge is written leftwards from its line instead.
+        width = 6.2 * len(mark.label)
+        rightwards = x(mark.at) + 3 + width <= _W - 2
+        left = x(mark.at) + 3 if rightwards else x(mark.at) - 3 - width
+        row = next((i for i, used in enumerate(label_rows)
+                    if all(left + width + 6 < a or left > b + 6 for a, b in used)), len(label_rows))
+        if row == len(label_rows):
+            label_rows.append([])
+        label_rows[row].append((left, left + width))
+        anchor = "" if rightwards else ' text-anchor="end"'
+        svg.append(f'<text x="{(left if rightwards else left + width):.1f}" y="{_TOP + plot_h - 4 - 13 * row}"'
+                   f'{anchor} fill="{colour}">{_e(mark.label)}</text>')
     points = " ".join(f"{x(r.effective):.1f},{y(r.count.anc_per_ul):.1f}" for r, _ in shown)
     svg.append(f'<polyline points="{points}" fill="none" stroke="#546e7a" stroke-width="1.2"/>')
     for reading, result in shown:

@@ -4,7 +4,10 @@ state is untrusted text and is escaped.
 
 `collect` reads the state (I/O); `render` is pure (the time of generation is passed in); `write` creates
 the file `0600`. Clinical context (fever, chemotherapy, …) reaches a patient's timeline through one seam:
-`render(..., context=...)`, a function from a patient id to `ContextMark`s, drawn as vertical markers."""
+`render(..., context=...)`, a function from a patient id to `ContextMark`s, drawn as vertical markers;
+`context_marks(data)` is that function for what `collect` read when given the assessment rules: each
+patient's counts and stored context facts go through the same assessment core as `run`
+(adapter/clinical/assess.py), so the report shows the grades, febrile episodes and context `run` used."""
 
 from __future__ import annotations
 
@@ -17,13 +20,16 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from adapter import context_extract
+from adapter.clinical import assess
+from adapter.clinical.context import duffy_null_thresholds
 from adapter.clinical.episodes import Episode, Graded, episodes
 from adapter.errors import ConfigError
 from adapter.mappings import Thresholds
-from adapter.model import Grade
+from adapter.model import AgeBand, Grade
 from adapter.outputs import charts
 from adapter.outputs.charts import GRADE_COLOUR, MARK_COLOUR, OTHER_COLOUR, ContextMark
-from adapter.state import QuarantineEntry, State, Written
+from adapter.state import ContextFact, QuarantineEntry, State, Written
 
 BANNER = ("This file contains patient data: FHIR patient ids with their neutrophil counts and dates. "
           "Keep it like the patient record: store it only where patient records may be kept, do not "
@@ -48,6 +54,9 @@ class PatientView:
     episodes: tuple[Episode, ...]
     flags: tuple[FlagView, ...]
     shown: tuple[Graded, ...]  # the counts within the report's window
+    marks: tuple[ContextMark, ...] = ()  # clinical context on the timeline (`context_marks`)
+    febrile_episodes: frozenset[int] = frozenset()  # ordinals of the episodes with febrile neutropenia
+    duffy_null_floor: float | None = None  # the site-marked threshold this patient's counts were graded by
 
     @property
     def worst(self) -> Grade:
@@ -78,9 +87,12 @@ class ReportData:
 
 
 def collect(state: State, source: str, thresholds: Thresholds, since: datetime | None = None,
-            until: datetime | None = None, default_lln: float = 2000.0) -> ReportData:
+            until: datetime | None = None, default_lln: float = 2000.0,
+            rules: assess.Rules | None = None) -> ReportData:
     """Read what the report shows from one state file, in one read transaction (a consistent snapshot
-    while a cron run may be writing)."""
+    while a cron run may be writing). With `rules` (built as `run` builds them), each patient's counts
+    are assessed with the clinical context stored for them: grades as `run` gave them (a site-marked
+    Duffy-null threshold applied), febrile episodes, and the context marks of `context_marks`."""
     state.db.execute("BEGIN")
     try:
         readings = state.all_readings()
@@ -90,6 +102,8 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
         quarantine = state.quarantined()
         effective_of = state.quarantined_effective()
         review = state.review()
+        facts = {} if rules is None else \
+            {patient_id: state.context_facts(patient_id) for patient_id in {g[0].patient_id for g in readings}}
     finally:
         state.db.execute("COMMIT")
 
@@ -101,6 +115,12 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
     by_patient: dict[str, list[Graded]] = defaultdict(list)
     for graded in readings:
         by_patient[graded[0].patient_id].append(graded)
+    assessed: dict[str, assess.Assessment] = {}
+    if rules is not None:
+        for patient_id, rows in by_patient.items():
+            assessed[patient_id] = assess.assess(rows, context_extract.context(facts[patient_id]), rules)
+            by_patient[patient_id] = [c.graded for c in assessed[patient_id].counts]
+        readings = [g for rows in by_patient.values() for g in rows]
     planned_flags = {(p["patient_id"], p["identifier"]): p for p in planned if p["resource_type"] == "Flag"}
     flags: dict[str, list[FlagView]] = defaultdict(list)
     for item, _ in written:
@@ -124,8 +144,12 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
         for episode in found:
             if within(episode.start):
                 new_episodes[episode.start.astimezone(timezone.utc).date()].append(patient_id)
+        shown = tuple(g for g in rows if within(g[0].effective))
+        extra: dict[str, Any] = {}
+        if patient_id in assessed and rules is not None:
+            extra = _assessed_view(assessed[patient_id], facts[patient_id], shown, rules, within)
         flagged.append(PatientView(patient_id, tuple(rows), tuple(found), tuple(flags.get(patient_id, [])),
-                                   tuple(g for g in rows if within(g[0].effective))))
+                                   shown, **extra))
     flagged.sort(key=lambda p: (-p.worst.severity, p.patient_id))
     shown_quarantine = tuple(
         (entry, effective_of.get(entry.observation_id, ""))
@@ -141,6 +165,46 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
         thresholds=thresholds, default_lln=default_lln, counts_read=len(in_window),
         new_episodes=dict(new_episodes),
     )
+
+
+def context_marks(data: ReportData) -> Callable[[str], Sequence[ContextMark]]:
+    """The `render(context=...)` function for the marks `collect` found (none without its `rules`)."""
+    marks = {patient.patient_id: patient.marks for patient in data.flagged}
+    return lambda patient_id: marks.get(patient_id, ())
+
+
+def _assessed_view(found: assess.Assessment, facts: list[ContextFact], shown: tuple[Graded, ...],
+                   rules: assess.Rules, within: Callable[[datetime | None], bool]) -> dict[str, Any]:
+    """What the assessment adds to a patient's view. Marks only for what concerns the counts shown, so a
+    fever or a chemotherapy long before the window does not stretch the timeline:
+    - fever: each temperature of at least the sustained-fever threshold (38.0 °C) within the febrile
+      window (24 h) of a shown count, labelled with its value in °C;
+    - chemotherapy: the record each shown count was assessed "after", labelled with the drug's name;
+    - projection: from the count to the time it is projected to fall below 500, as a span.
+    Labels carry values, drug names and times only: nothing that names the patient."""
+    ids = {reading.observation_id for reading, _ in shown}
+    counts = [c for c in found.counts if c.reading.observation_id in ids]
+    febrile = rules.febrile_rules
+    window = timedelta(hours=febrile.window_hours)
+    marks: list[ContextMark] = []
+    temperatures = context_extract.context(facts).temperatures
+    for reading in sorted(temperatures, key=lambda t: (t.time, t.observation_id)):
+        if reading.celsius >= febrile.sustained_celsius and \
+                any(abs(reading.time - c.reading.effective) <= window for c in counts):
+            marks.append(ContextMark(reading.time, f"{reading.celsius:.1f} °C", "fever"))
+    given = {c.chemotherapy.reference: c.chemotherapy for c in counts if c.chemotherapy is not None}
+    marks += [ContextMark(chemo.time, chemo.name, "chemotherapy") for chemo in given.values()]
+    for count in counts:
+        if count.projection is not None:
+            below_by = count.projection.below_by.astimezone(timezone.utc)
+            marks.append(ContextMark(count.reading.effective, f"projected < 500 by {below_by:%m-%d %H:%M}",
+                                     "projection", until=below_by))
+    floors = {c.duffy_null_floor for c in counts if c.duffy_null_floor is not None}
+    return {
+        "marks": tuple(sorted(marks, key=lambda m: m.at)),
+        "febrile_episodes": frozenset(e.episode.ordinal for e in found.episodes if e.fever is not None),
+        "duffy_null_floor": max(floors) if floors else None,
+    }
 
 
 def write(path: Path, document: str) -> None:
@@ -388,10 +452,21 @@ def _patients_section(data: ReportData, marks_for: Callable[[str], Sequence[Cont
 
 
 def _patient(number: int, patient: PatientView, data: ReportData, marks: list[ContextMark]) -> str:
+    thresholds, marked = data.thresholds, ""
+    if patient.duffy_null_floor is not None:
+        # The lines the counts were graded by: for the adult table, mild now ends at the site's floor.
+        thresholds = duffy_null_thresholds(data.thresholds, AgeBand.ADULT, patient.duffy_null_floor) or thresholds
+        marked = (f"<p class=meta>Site-marked Duffy-null threshold: counts from {patient.duffy_null_floor:g} "
+                  "cells/µL up are normal for this patient (adults and children from 1 year, clinical "
+                  "profile); the lines show the thresholds used.</p>")
+    febrile = ""
+    if patient.febrile_episodes:
+        febrile = ", febrile neutropenia in episode " + ", ".join(str(o) for o in sorted(patient.febrile_episodes))
     out = [f'<section class="patient" id="patient-{number}" data-patient="{_e(patient.patient_id)}">',
            f"<h3>Patient <code class=patient-id>{_e(patient.patient_id)}</code> — worst grade "
-           f"{_grade_badge(patient.worst)}, {len(patient.episodes)} episode(s)</h3>",
-           charts.timeline(patient.patient_id, patient.shown, _spans(patient), data.thresholds, marks,
+           f"{_grade_badge(patient.worst)}, {len(patient.episodes)} episode(s){_e(febrile)}</h3>",
+           marked,
+           charts.timeline(patient.patient_id, patient.shown, _spans(patient), thresholds, marks,
                            data.default_lln, data.since, data.until),
            '<div class="legend">' + "".join(_swatch(GRADE_COLOUR[g], g.value) for g in _grades_of(patient))
            + _swatch("#9e9e9e", "episode (shaded)") + "<span>○ a comparator result: at least this grade</span>"
@@ -442,6 +517,8 @@ def _spans(patient: PatientView) -> list[charts.Span]:
         worst = max((r.grade for _, r in _members(patient, episode)), key=lambda g: g.severity)
         flag = patient.flag_for(episode)
         label = f"episode {episode.ordinal}" + (", open" if episode.end is None else "")
+        if episode.ordinal in patient.febrile_episodes:
+            label += ", febrile"
         if flag:
             label += f": Flag {flag.status}" + (f" (dry run would {flag.action})" if flag.action else "")
         spans.append(charts.Span(episode.start, episode.end, worst, label))
@@ -519,4 +596,5 @@ def _day(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d")
 
 
-__all__ = ["BANNER", "CSP", "ContextMark", "FlagView", "PatientView", "ReportData", "collect", "render", "write"]
+__all__ = ["BANNER", "CSP", "ContextMark", "FlagView", "PatientView", "ReportData", "collect", "context_marks",
+           "render", "write"]

@@ -22,7 +22,6 @@ from adapter.outputs.cards import PatientRecords
 log = logging.getLogger(__name__)
 
 TOKEN = "{{context.patientId}}"
-TEMPERATURE_CODES = ("http://loinc.org|8310-5",)  # MERGE: from mappings/context.toml's temperature codes
 REQUIRED = ("patient", "ancCounts")  # without these there is nothing to grade: 412
 _OBSERVATION_KEYS = ("ancCounts", "temperatures")
 _CHEMOTHERAPY_KEYS = ("medicationAdministrations", "medicationRequests", "procedures")
@@ -32,12 +31,16 @@ def templates(mappings: Mappings) -> dict[str, str]:
     """Prefetch templates (CDS Hooks 2.0: FHIR read/search relative to fhirServer, `{{context.patientId}}`).
     Newest first and bounded, so a patient with years of counts does not make the EHR send them all."""
     anc = ",".join(f"{system}|{code}" for system, code in mappings.anc_codes)
+    # The temperature codes `run` reads (mappings/context.toml), so a card sees the fevers a Flag would.
+    temperatures = ",".join(f"{system}|{code}" for system, code in mappings.context.temperature_codes)
     return {
         "patient": f"Patient/{TOKEN}",
         "ancCounts": f"Observation?patient={TOKEN}&code={anc}&_sort=-date&_count=50",
-        "temperatures": f"Observation?patient={TOKEN}&code={','.join(TEMPERATURE_CODES)}&_sort=-date&_count=50",
-        "medicationAdministrations": f"MedicationAdministration?patient={TOKEN}&_count=100",
-        "medicationRequests": f"MedicationRequest?patient={TOKEN}&_count=100",
+        "temperatures": f"Observation?patient={TOKEN}&code={temperatures}&_sort=-date&_count=50",
+        # With the Medication a medicationReference points at: its code is what says chemotherapy.
+        "medicationAdministrations": f"MedicationAdministration?patient={TOKEN}&_count=100"
+                                     "&_include=MedicationAdministration:medication",
+        "medicationRequests": f"MedicationRequest?patient={TOKEN}&_count=100&_include=MedicationRequest:medication",
         "procedures": f"Procedure?patient={TOKEN}&_count=100",
         "conditions": f"Condition?patient={TOKEN}&clinical-status=active&_count=100",
     }

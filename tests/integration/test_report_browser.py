@@ -13,6 +13,7 @@ from adapter.cli import main
 from adapter.state import State
 from browser import Request, chromium, console_errors, missing, requests_made
 from builders import anc, patient
+from context_builders import atc, medication_administration, temperature
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +161,41 @@ def test_usage_errors_exit_2_and_name_the_option(tmp_path, monkeypatch, capsys, 
                  "--log-format", "text"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_febrile_patient_after_chemotherapy_shows_the_fever_and_the_chemotherapy_in_its_chart(
+        fhir_server, tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    fhir_server.load(
+        patient("p-fn"), anc("o-fn-1", "p-fn", 2.4, effective="2026-09-01T08:00:00Z"),
+        anc("o-fn-2", "p-fn", 0.25, effective="2026-09-10T08:00:00Z"),
+        temperature("t-fn", "p-fn", 38.6, "2026-09-10T10:00:00Z"),
+        medication_administration("ma-fn", "p-fn", "2026-08-31T09:00:00Z", atc("L01AA01", "cyclophosphamide")),
+        patient("p-sev"), anc("o-sev", "p-sev", 0.3, effective="2026-09-10T08:00:00Z"),  # severe, no context
+    )
+    assert cli(tmp_path, fhir_server, "run", "--since", "2026-08-01T00:00:00Z") == 0
+    [flag] = fhir_server.flags("p-fn")
+    assert flag["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+    path = tmp_path / "live.html"
+    assert cli(tmp_path, fhir_server, "report", "--html", str(path)) == 0
+    seen = seen_in_browser(browser, path)
+    assert seen["requests"] == [seen["url"]] and seen["errors"] == []
+    charts = {}
+    for section in browser.find_elements(By.CSS_SELECTOR, "section.patient"):
+        chart = section.find_element(By.CSS_SELECTOR, "svg.timeline")
+        box = chart.rect
+        labels = {}
+        for text in chart.find_elements(By.TAG_NAME, "text"):
+            inside = box["x"] <= text.rect["x"] and text.rect["x"] + text.rect["width"] <= box["x"] + box["width"] + 1
+            labels[text.text] = text.is_displayed() and inside
+        charts[section.find_element(By.CSS_SELECTOR, "code.patient-id").text] = (
+            section.find_element(By.TAG_NAME, "h3").text, labels,
+            len(chart.find_elements(By.CSS_SELECTOR, "line.context")))
+    heading, labels, lines = charts["p-fn"]
+    assert labels.get("38.6 °C") and labels.get("cyclophosphamide")  # on screen, inside the chart
+    assert lines == 2
+    assert "febrile neutropenia in episode 1" in heading
+    assert any(label.startswith("episode 1, open, febrile") for label in labels)
+    heading, labels, lines = charts["p-sev"]
+    assert lines == 0 and "febrile" not in heading

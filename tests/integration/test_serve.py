@@ -5,6 +5,7 @@ fhirAuthorization token (so a card proves the token was passed on)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -16,9 +17,12 @@ import jwt
 import pytest
 import requests
 
+from adapter.cli import main
 from adapter.localserver import sekmet
 from builders import anc, patient, transaction
 from cdshooks import Ehr, RecordingListener, ServeProcess, bundle, hook_request, serve_process
+from context_builders import (DUFFY_CODE, DUFFY_SYSTEM, RXNORM, duffy_null_marker, medication,
+                              medication_administration, site_mappings, temperature)
 from fronts import Front, bearer_gate
 from pki import ec_key
 
@@ -47,6 +51,20 @@ SERVER_DATA = [
     patient("sv-nocount"),
     # Another patient's severe count must never leak into these patients' cards.
     patient("sv-other"), anc("sv-other-1", "sv-other", 0.1, effective=ago(hours=1)),
+    # Clinical context (CONTRACT §5b): a fever two hours after a severe count; chemotherapy ten days before
+    # a moderate count, named by the Medication it points at (RxNorm); a fall projected below 500.
+    patient("sv-febrile"), anc("sv-febrile-1", "sv-febrile", 0.32, effective=ago(hours=6)),
+    temperature("sv-febrile-t", "sv-febrile", 38.5, ago(hours=4)),
+    patient("sv-chemo"), anc("sv-chemo-1", "sv-chemo", 0.8, effective=ago(hours=6)),
+    medication("sv-cyclo", {"coding": [{"system": RXNORM, "code": "3002", "display": "cyclophosphamide"}]}),
+    medication_administration("sv-chemo-ma", "sv-chemo", ago(days=10, hours=6), medication_id="sv-cyclo"),
+    patient("sv-proj"), anc("sv-proj-1", "sv-proj", 0.9, effective=ago(hours=18)),
+    anc("sv-proj-2", "sv-proj", 0.6, effective=ago(hours=6)),
+    # Site-marked Duffy-null (graded so only by the service whose mappings name the marker code).
+    patient("sv-duffy-low"), anc("sv-duffy-low-1", "sv-duffy-low", 1.209, effective=ago(hours=6)),
+    duffy_null_marker("sv-duffy-low-c", "sv-duffy-low"),
+    patient("sv-duffy-ok"), anc("sv-duffy-ok-1", "sv-duffy-ok", 1.3, effective=ago(hours=6)),
+    duffy_null_marker("sv-duffy-ok-c", "sv-duffy-ok"),
 ]
 
 
@@ -67,9 +85,13 @@ def ehr(tmp_path_factory):
     return Ehr(tmp_path_factory.mktemp("ehr"))
 
 
-def _config(directory: Path, ehr: Ehr, fhir_servers: list[str]) -> Path:
+def _config(directory: Path, ehr: Ehr, fhir_servers: list[str], mappings: Path | None = None) -> Path:
     path = directory / "adapter.toml"
-    path.write_text(f"""
+    site = f'[mappings]\npath = "{mappings}"\n' if mappings else ""
+    path.write_text(f"""{site}
+[output]
+resources = ["Flag", "RiskAssessment"]
+
 [serve]
 fhir_servers = {json.dumps(fhir_servers)}
 order_sign_recent = "P7D"
@@ -87,6 +109,15 @@ def service(fhir_front, ehr, tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
     servers = [fhir_front.base_url + "/", UNREACHABLE]
     with serve_process(_config(directory, ehr, servers), directory) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def site_service(fhir_front, ehr, tmp_path_factory):
+    """The same service with a site's mappings that mark Duffy-null patients by a Condition code."""
+    directory = tmp_path_factory.mktemp("serve-site")
+    mappings = site_mappings(directory, [f"{DUFFY_SYSTEM}|{DUFFY_CODE}"])
+    with serve_process(_config(directory, ehr, [fhir_front.base_url + "/"], mappings), directory) as served:
         yield served
 
 
@@ -424,3 +455,111 @@ def test_sigterm_stops_the_service_with_exit_0(ehr, tmp_path):
             pytest.fail("serve did not stop on SIGTERM")
         assert code == 0
         assert any(e.get("event") == "serve-stop" for e in served.events())
+
+
+# --- clinical context: cards from the same assessment core as `run` (CONTRACT §5b, §8) ---------------------
+
+def test_a_febrile_patient_gets_a_critical_febrile_neutropenia_card(service, ehr, fhir_front):
+    [card] = patient_view(service, ehr, fhir_front, "sv-febrile")
+    assert card["indicator"] == "critical"
+    assert card["summary"].startswith("Febrile neutropenia: 38.5 °C with severe neutropenia: ANC 320 cells/µL")
+    assert len(card["summary"]) < 140
+    fever_at = ago(hours=4)
+    assert f"**Febrile neutropenia**: temperature 38.5 °C at {fever_at[:10]} {fever_at[11:16]} UTC" in card["detail"]
+    assert "Febrile neutropenia (IDSA)" in card["detail"]
+    assert NAME not in json.dumps(card)
+    assert any(path.startswith("/fhir/Observation?") and "8310-5" in path for path in fhir_front.paths)
+
+
+def test_a_febrile_patient_from_prefetch_only(service, ehr):
+    prefetch = {
+        "patient": patient("pf-fn"),
+        "ancCounts": bundle(anc("pf-fn-a", "pf-fn", 0.32, effective=ago(hours=6))),
+        "temperatures": bundle(temperature("pf-fn-t", "pf-fn", 38.5, ago(hours=4)),
+                               temperature("pf-x-t", "pf-someone-else", 40.0, ago(hours=5))),
+        "medicationAdministrations": bundle(), "medicationRequests": bundle(), "procedures": bundle(),
+        "conditions": bundle(),
+    }
+    with RecordingListener() as listener:
+        response = call(service, ehr, "anc-patient-view",
+                        hook_request("patient-view", "pf-fn", listener.base_url, "some-token", prefetch))
+        assert response.status_code == 200, response.text
+        [card] = response.json()["cards"]
+        assert card["indicator"] == "critical"
+        assert card["summary"].startswith("Febrile neutropenia: 38.5 °C with severe neutropenia: ANC 320 cells/µL")
+        assert "40.0 °C" not in card["detail"]  # another patient's fever
+        assert listener.connections == 0
+
+
+def test_chemotherapy_via_its_medication_is_in_the_detail(service, ehr, fhir_front):
+    [card] = patient_view(service, ehr, fhir_front, "sv-chemo")
+    assert card["indicator"] == "warning"
+    given = ago(days=10, hours=6)[:10]
+    assert f"After chemotherapy: cyclophosphamide on {given} (10 days before this count)." in card["detail"]
+
+
+def test_a_projection_is_in_the_detail(service, ehr, fhir_front):
+    [card] = patient_view(service, ehr, fhir_front, "sv-proj")
+    assert card["indicator"] == "warning"
+    assert re.search(r"Projected to fall below 500 cells/µL by \d{4}-\d\d-\d\d \d\d:\d\d UTC", card["detail"])
+
+
+def test_a_site_marked_duffy_null_patient_is_graded_from_the_site_threshold(site_service, service, ehr, fhir_front):
+    [card] = patient_view(site_service, ehr, fhir_front, "sv-duffy-low")
+    assert card["indicator"] == "info" and card["summary"].startswith("Mild neutropenia: ANC 1209 cells/µL")
+    assert "Site-marked Duffy-null threshold: normal from 1210 cells/µL" in card["detail"]
+    assert patient_view(site_service, ehr, fhir_front, "sv-duffy-ok") == []
+    # Without the site's marker code the same 1300 is mild, as for anyone else.
+    [usual] = patient_view(service, ehr, fhir_front, "sv-duffy-ok")
+    assert usual["indicator"] == "info" and "Duffy" not in usual["detail"]
+
+
+def test_order_sign_warns_on_an_rxnorm_coded_chemotherapy_order(service, ehr, fhir_front):
+    rxnorm = bundle({"resourceType": "MedicationRequest", "id": "d3", "status": "draft", "intent": "order",
+                     "subject": {"reference": "Patient/sv-moderate"},
+                     "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "3002"}],
+                                                   "text": "cyclophosphamide 600 mg/m2"}})
+    cards = order_sign(service, ehr, fhir_front, "sv-moderate", rxnorm)
+    assert [c["indicator"] for c in cards] == ["warning"]
+    assert "cyclophosphamide 600 mg/m2" in cards[0]["detail"]
+
+
+FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
+INDICATOR_OF_PRIORITY = {"PH": "critical", "PM": "warning", "PL": "info"}
+
+
+def test_cards_and_run_agree_on_the_same_data(site_service, ehr, fhir_front, tmp_path):
+    """`run` writes Flags for the server's patients; the card for each says what its Flag says."""
+    upstream = f"http://{fhir_front.upstream.netloc}{fhir_front.upstream.path}"
+    config = tmp_path / "adapter.toml"
+    mappings = site_mappings(tmp_path, [f"{DUFFY_SYSTEM}|{DUFFY_CODE}"])
+    config.write_text(f'[mappings]\npath = "{mappings}"\n[output]\nresources = ["Flag"]\n')
+    assert main(["run", "--config", str(config), "--fhir-url", upstream,
+                 "--state", str(tmp_path / "state.sqlite3"), "--log-format", "json"]) == 0
+    checked, context_said = 0, set()
+    for patient_id in ("sv-febrile", "sv-chemo", "sv-proj", "sv-severe", "sv-moderate", "sv-mild",
+                       "sv-duffy-low", "sv-duffy-ok", "sv-normal"):
+        found = requests.get(f"{upstream}/Flag", params={"subject": f"Patient/{patient_id}"}, timeout=30).json()
+        active = [e["resource"] for e in found.get("entry", []) if e["resource"]["status"] == "active"]
+        cards = patient_view(site_service, ehr, fhir_front, patient_id)
+        if not active:
+            assert cards == [], patient_id
+            continue
+        [flag], [card] = active, cards
+        [priority] = [c["code"] for e in flag["extension"] if e["url"] == FLAG_PRIORITY
+                      for c in e["valueCodeableConcept"]["coding"]]
+        assert card["indicator"] == INDICATOR_OF_PRIORITY[priority], patient_id
+        text = flag["code"]["text"]
+        febrile = any(c["code"] == "409089005" for c in flag["code"]["coding"])
+        assert card["summary"].startswith("Febrile neutropenia: ") is febrile, patient_id
+        # The grade and count the Flag names are the card's (after "with " when febrile).
+        graded = text.split("; ")[0].split(" with ", 1)[1] if febrile else text.split("; ")[0]
+        assert card["summary"].endswith(graded[0].lower() + graded[1:] if febrile else graded), patient_id
+        for part in text.split("; ")[1:]:
+            said = re.sub(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d)Z", r"\1 \2 UTC", part)
+            assert said[0].upper() + said[1:] in card["detail"], (patient_id, part)
+            context_said.add(part.split(":")[0].split(" by ")[0])
+        checked += 1 + febrile
+    assert checked == 8  # every patient but the normal ones was flagged and compared; one of them febrile
+    assert context_said == {"after chemotherapy", "projected to fall below 500 cells/µL",
+                            "site-marked Duffy-null threshold"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -9,8 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapter import mappings
+from adapter.config import ContextConfig
 from adapter.outputs.cards import ATC, SNOMED, PatientRecords, Rules, chemotherapy_orders, order_sign, patient_view
 from builders import anc, patient
+from context_builders import (DUFFY_CODE, DUFFY_SYSTEM, RXNORM, duffy_null_marker, medication,
+                              medication_administration, temperature)
 
 MAPPINGS = mappings.load()
 CLINICAL = Rules(mappings=MAPPINGS)
@@ -172,3 +176,105 @@ def test_chemotherapy_orders_in_draft_orders(draft, expected):
 
 def test_order_sign_without_chemotherapy_says_nothing_even_when_severe():
     assert order_sign(records(anc("o1", "p1", 0.1, effective=at(hours=1))), order(ATC, "N02BE01"), CLINICAL, NOW) == []
+
+
+# --- clinical context: the same assessment core as `run` (CONTRACT §5b, §8) -------------------------------
+
+def context_records(*counts: dict, chemotherapy: tuple = (), conditions: tuple = (), temperatures: tuple = (),
+                    patient_id: str = "p1") -> PatientRecords:
+    return PatientRecords(patient_id=patient_id, patient=patient(patient_id, "1970-01-01"),
+                          observations=(*counts, *temperatures), chemotherapy=chemotherapy, conditions=conditions)
+
+
+def test_febrile_neutropenia_makes_a_critical_card_led_by_it():
+    cards = patient_view(context_records(anc("o1", "p1", 0.32, effective=at(hours=4)),
+                                         temperatures=(temperature("t1", "p1", 38.5, at(hours=2)),)), CLINICAL, NOW)
+    assert [c["indicator"] for c in cards] == ["critical"]
+    summary = cards[0]["summary"]
+    assert summary.startswith("Febrile neutropenia: 38.5 °C with severe neutropenia: ANC 320 cells/µL")
+    assert len(summary) < 140
+    assert f"temperature 38.5 °C at {at(hours=2)[:10]} {at(hours=2)[11:16]} UTC" in cards[0]["detail"]
+    assert "Febrile neutropenia (IDSA): one temperature ≥ 38.3 °C" in cards[0]["detail"]
+
+
+def test_a_moderate_count_with_a_fever_is_critical_only_when_projected_below_500():
+    # 900 then 600 twelve hours later: the same ratio per hour crosses 500 within 48 h -> febrile.
+    falling = (anc("o0", "p1", 0.9, effective=at(hours=16)), anc("o1", "p1", 0.6, effective=at(hours=4)))
+    fever = (temperature("t1", "p1", 38.4, at(hours=3)),)
+    card = patient_view(context_records(*falling, temperatures=fever), CLINICAL, NOW)[0]
+    assert card["indicator"] == "critical" and card["summary"].startswith("Febrile neutropenia: 38.4 °C with moderate")
+    assert "Projected to fall below 500 cells/µL by " in card["detail"]
+    # A steady 600 with the same fever: moderate, no projection, not febrile.
+    steady = patient_view(context_records(anc("o1", "p1", 0.6, effective=at(hours=4)), temperatures=fever),
+                          CLINICAL, NOW)[0]
+    assert steady["indicator"] == "warning" and "Febrile" not in steady["summary"] + steady["detail"]
+    assert "Projected" not in steady["detail"]
+
+
+def test_a_fever_in_fahrenheit_is_said_in_celsius_and_as_recorded():
+    card = patient_view(context_records(anc("o1", "p1", 0.2, effective=at(hours=4)),
+                                        temperatures=(temperature("t1", "p1", 101.5, at(hours=5), unit="[degF]"),)),
+                        CLINICAL, NOW)[0]
+    assert "temperature 38.6 °C (101.5 °F as recorded)" in card["detail"]
+
+
+def test_a_temperature_in_an_unknown_unit_is_never_used_and_is_counted():
+    card = patient_view(context_records(anc("o1", "p1", 0.2, effective=at(hours=4)),
+                                        temperatures=(temperature("t1", "p1", 39, at(hours=3), unit="degrees"),)),
+                        CLINICAL, NOW)[0]
+    assert "Febrile" not in card["summary"]
+    assert "1 temperature(s) could not be read and are not used (unknown-unit)" in card["detail"]
+
+
+def test_another_patients_fever_is_ignored():
+    card = patient_view(context_records(anc("o1", "p1", 0.2, effective=at(hours=4)),
+                                        temperatures=(temperature("t1", "p2", 39.5, at(hours=3)),)), CLINICAL, NOW)[0]
+    assert not card["summary"].startswith("Febrile")
+
+
+def test_chemotherapy_by_medication_reference_is_in_the_detail():
+    records_ = context_records(
+        anc("o1", "p1", 0.8, effective="2026-11-20T08:00:00Z"),
+        chemotherapy=(medication_administration("ma1", "p1", "2026-11-10T09:00:00Z", medication_id="m1"),
+                      medication("m1", {"coding": [{"system": RXNORM, "code": "3002", "display": "cyclophosphamide"}]})))
+    card = patient_view(records_, CLINICAL, NOW)[0]
+    assert "After chemotherapy: cyclophosphamide on 2026-11-10 (9 days before this count)." in card["detail"]
+
+
+@pytest.mark.parametrize("value,indicator,usual", [(1.209, "info", "info"), (1.3, None, "info"),
+                                                   (0.9, "warning", "warning")])
+def test_a_site_marked_duffy_null_patient_is_graded_against_the_floor(value, indicator, usual):
+    site = dataclasses.replace(MAPPINGS, context=dataclasses.replace(
+        MAPPINGS.context, duffy_null_codes=frozenset({(DUFFY_SYSTEM, DUFFY_CODE)})))
+    marked = context_records(anc("o1", "p1", value, effective=at(hours=4)),
+                             conditions=(duffy_null_marker("c1", "p1"),))
+    cards = patient_view(marked, Rules(mappings=site), NOW)
+    assert [c["indicator"] for c in cards] == ([indicator] if indicator else [])
+    if cards:
+        assert "Site-marked Duffy-null threshold: normal from 1210 cells/µL" in cards[0]["detail"]
+        assert "with the site-marked Duffy-null threshold" in cards[0]["detail"] and "mild < 1210" in cards[0]["detail"]
+    # Unmarked (no Condition), or the switch off: the usual adult bounds (1300 is mild).
+    assert [c["indicator"] for c in patient_view(context_records(anc("o1", "p1", 1.3, effective=at(hours=4))),
+                                                 Rules(mappings=site), NOW)] == ["info"]
+    off = Rules(mappings=site, context=ContextConfig(duffy_null=False))
+    assert [c["indicator"] for c in patient_view(marked, off, NOW)] == [usual]
+
+
+def test_the_febrile_switch_off_leaves_the_grade():
+    off = Rules(mappings=MAPPINGS, context=ContextConfig(febrile=False))
+    cards = patient_view(context_records(anc("o1", "p1", 0.6, effective=at(hours=4)),
+                                         temperatures=(temperature("t1", "p1", 39.0, at(hours=2)),)), off, NOW)
+    assert [c["indicator"] for c in cards] == ["warning"]
+
+
+@pytest.mark.parametrize("code,expected", [("3002", True), ("3639", True), ("1719", False)])
+def test_chemotherapy_codes_come_from_mappings_context_toml(code, expected):
+    assert bool(chemotherapy_orders(order(RXNORM, code, text="drug"), CLINICAL.chemotherapy)) is expected
+    assert (code in MAPPINGS.context.rxnorm) is expected
+
+
+def test_order_sign_for_an_rxnorm_chemotherapy_order_with_an_abnormal_count():
+    cards = order_sign(records(anc("o1", "p1", 0.9, effective=at(days=1))),
+                       order(RXNORM, "3002", text="cyclophosphamide 750 mg/m2"), CLINICAL, NOW)
+    assert [c["indicator"] for c in cards] == ["warning"]
+    assert "cyclophosphamide 750 mg/m2" in cards[0]["detail"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import math
 import os
 import re
 import stat
@@ -12,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from adapter import mappings as mappings_module
+from adapter.clinical import assess
 from adapter.model import AgeBand, Classification, Count, Grade, Quarantine, Reading, Reason
 from adapter.outputs import report
 from adapter.outputs.report import ContextMark
-from adapter.state import State, Written
+from adapter.state import ContextFact, State, Written
 
 THRESHOLDS = mappings_module.load(None).thresholds
 NOW = "2026-11-26T00:00:00+00:00"
@@ -56,8 +59,8 @@ def flag(state: State, patient_id: str, identifier: str, status: str, evidence: 
     state.record_written(Written("Flag", identifier, patient_id, status, "hash", "srv", evidence), NOW)
 
 
-def rendered(state: State, context=None, **window) -> tuple[report.ReportData, str]:
-    data = report.collect(state, "state.sqlite3", THRESHOLDS, **window)
+def rendered(state: State, context=None, rules=None, **window) -> tuple[report.ReportData, str]:
+    data = report.collect(state, "state.sqlite3", THRESHOLDS, rules=rules, **window)
     return data, report.render(data, generated=datetime(2026, 11, 26, tzinfo=timezone.utc), context=context)
 
 
@@ -269,3 +272,90 @@ def test_a_readonly_open_refuses_a_missing_file_and_changes_nothing(tmp_path):
     with pytest.raises(Exception, match="readonly"):
         readonly.db.execute("INSERT INTO meta VALUES ('x', 'y')")
     assert Path(path).read_bytes() == before
+
+
+# --- clinical context from the state, assessed with run's rules ------------------------------------------
+
+RULES = assess.Rules(profile="clinical", thresholds=THRESHOLDS)
+
+
+def fact(state: State, patient_id: str, kind: str, resource: str, when: datetime, value: float | None = None,
+         name: str = "") -> None:
+    resource_type, resource_id = resource.split("/")
+    state.record_context(ContextFact(resource_type, resource_id, "1", patient_id, kind, "final", when, value, name),
+                         NOW)
+
+
+def marks_of(data: report.ReportData, patient_id: str) -> list[tuple[str, str]]:
+    return [(m.kind, m.label) for m in report.context_marks(data)(patient_id)]
+
+
+def test_fever_chemotherapy_and_projection_marks_come_from_the_stored_facts(state):
+    with state.transaction():
+        graded(state, "fn", 1, 320, Grade.SEVERE, 10)
+        fact(state, "fn", "temperature", "Observation/t1", DAY0 + timedelta(days=10, hours=2), 38.6)
+        fact(state, "fn", "temperature", "Observation/t2", DAY0 + timedelta(days=10, hours=5), 37.2)  # no fever
+        fact(state, "fn", "temperature", "Observation/t3", DAY0 + timedelta(days=3), 39.0)  # days from any count
+        fact(state, "fn", "chemotherapy", "MedicationAdministration/m1", DAY0, name="cyclophosphamide")
+        # A fall from 900 to 600 in 12 hours: projected below 500 a few hours later.
+        graded(state, "pr", 1, 900, Grade.MODERATE, 10)
+        graded(state, "pr", 2, 600, Grade.MODERATE, 10.5)
+    data, document = rendered(state, rules=RULES)
+    assert marks_of(data, "fn") == [("chemotherapy", "cyclophosphamide"), ("fever", "38.6 °C")]
+    [(kind, label)] = marks_of(data, "pr")
+    hours = 12 * math.log(500 / 600) / math.log(600 / 900)  # the same ratio per hour continues
+    crossing = (DAY0 + timedelta(days=10.5, hours=hours)).strftime("%m-%d %H:%M")
+    assert (kind, label) == ("projection", f"projected < 500 by {crossing}")
+    [projection] = report.context_marks(data)("pr")
+    assert projection.until is not None and projection.until > projection.at
+    # Recomputed with the assessment core: the severe count with a fever is febrile neutropenia.
+    assert [p.febrile_episodes for p in data.flagged if p.patient_id == "fn"] == [frozenset({1})]
+    sections = patient_sections(report.render(data, generated=datetime(2026, 11, 26, tzinfo=timezone.utc),
+                                              context=report.context_marks(data)))
+    fn = " ".join(Elements(sections["fn"]).text)
+    assert "febrile neutropenia in episode 1" in fn and "episode 1, open, febrile" in fn
+    assert "38.6 °C" in fn and "cyclophosphamide" in fn and "37.2" not in fn and "39.0" not in fn
+    assert "febrile" not in " ".join(Elements(sections["pr"]).text)
+    # Without the rules (or the context function) nothing is marked, as before.
+    plain, _ = rendered(state)
+    assert marks_of(plain, "fn") == [] and all(not p.febrile_episodes for p in plain.flagged)
+    assert 'class="context"' not in document  # `rendered` passes no context function
+
+
+def test_a_site_marked_duffy_null_patient_is_graded_and_drawn_against_the_floor(state):
+    with state.transaction():
+        graded(state, "dn", 1, 1300, Grade.MILD, 1)  # stored as graded before the marker was read
+        graded(state, "dn", 2, 1100, Grade.MILD, 3)
+        fact(state, "dn", "duffy-null", "Condition/c1", None)
+        graded(state, "ok", 1, 1300, Grade.MILD, 1)  # unmarked: mild as for anyone
+    data, document = rendered(state, rules=RULES)
+    dn = next(p for p in data.flagged if p.patient_id == "dn")
+    assert [r.grade for _, r in dn.shown] == [Grade.NORMAL, Grade.MILD] and dn.duffy_null_floor == 1210
+    section = patient_sections(document)["dn"]
+    titles = re.findall(r'<line class="threshold"[^>]*><title>([^<]*)</title>', section)
+    assert sorted(titles) == ["mild below 1210 cells/µL", "moderate below 1000 cells/µL", "severe below 500 cells/µL"]
+    assert "Site-marked Duffy-null threshold: counts from 1210 cells/µL up are normal" in " ".join(Elements(section).text)
+    assert "1210" not in patient_sections(document)["ok"]
+    # A marked patient whose counts are all at or above the floor is not flagged at all.
+    with state.transaction():
+        fact(state, "only-ok", "duffy-null", "Condition/c2", None)
+        graded(state, "only-ok", 1, 1300, Grade.MILD, 1)
+    again, _ = rendered(state, rules=RULES)
+    assert "only-ok" not in [p.patient_id for p in again.flagged]
+
+
+def test_mark_labels_close_in_time_take_separate_rows_and_stay_inside_the_chart(state):
+    with state.transaction():
+        graded(state, "p", 1, 300, Grade.SEVERE, 0)
+        graded(state, "p", 2, 250, Grade.SEVERE, 5)
+    marks = [ContextMark(DAY0 + timedelta(hours=1), "38.6 °C", "fever"),
+             ContextMark(DAY0 + timedelta(hours=3), "cyclophosphamide", "chemotherapy"),
+             ContextMark(DAY0 + timedelta(days=5), "projected < 500 by 11-07 06:00", "projection")]
+    _, document = rendered(state, context=lambda patient_id: marks)
+    labels = {html.unescape(m.group(3)): (float(m.group(1)), float(m.group(2)), 'text-anchor="end"' in m.group(0))
+              for m in re.finditer(r'<text x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>',
+                                   patient_sections(document)["p"])
+              if html.unescape(m.group(3)) in {mark.label for mark in marks}}
+    assert labels["38.6 °C"][1] != labels["cyclophosphamide"][1]  # two hours apart: one above the other
+    x, _, leftwards = labels["projected < 500 by 11-07 06:00"]
+    assert leftwards and x <= 760  # at the right edge: written leftwards from its line
