@@ -345,15 +345,20 @@ class Run:
             self.state.set_resume_point(point)
         self.summary.resume_at = point.resume_at
 
-    def process_notified(self, observations: list[dict[str, Any]]) -> Summary:
+    def process_notified(self, observations: list[dict[str, Any]],
+                         temperatures: list[dict[str, Any]] = ()) -> Summary:
         """Observations a Subscription notified (`serve`, CONTRACT §10): ledgered and written exactly as
-        a page of a pass, so the next pass finds their versions processed and writes nothing twice. The
-        watermark stays: only a complete pass may move it, and a notification says nothing about what
-        was missed before it."""
+        a page of a pass, so the next pass finds their versions processed and writes nothing twice; the
+        notified temperatures go in as context, as the live-patient poll of a run would bring them (a fever
+        escalates a live Flag). The watermark and the resume point stay: only a complete pass may move
+        them, and a notification says nothing about what was missed before it."""
         started = time.monotonic()
-        self._pass_started = self.now()
+        # A batch is not a pass: nothing here reads the pass bounds, they only keep _note_pass quiet.
+        self._run_started = self.now()
+        self._pass_since = self._run_since = self._run_started
         self.state.start_pass()
-        self._process(observations, retry=False)
+        self._process(observations, retry=False,
+                      context=context_source.Found(resources=list(temperatures)) if temperatures else None)
         self.summary.watermark = self.state.watermark()
         self.summary.http_requests = self.client.request_count
         self.summary.duration_s = time.monotonic() - started

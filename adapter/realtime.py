@@ -37,7 +37,6 @@ from adapter.mappings import Mappings
 from adapter.model import Patient
 from adapter.pipeline import Run, ServerSink
 from adapter.sources.notifications import Notification
-from adapter.sources.prefetch import TEMPERATURE_CODES
 from adapter.state import State
 from adapter.writeback import Output
 
@@ -50,7 +49,6 @@ MAX_QUEUED = 20_000  # beyond this, notifications are left to the cron pass (mem
 LOCK_WAIT_S = 5.0  # how long a batch waits for a cron run to release the state
 _FETCH_CHUNK = 100  # ids per `_id` search (URL length)
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_TEMPERATURE = frozenset(tuple(code.split("|", 1)) for code in TEMPERATURE_CODES)
 
 
 @dataclass(frozen=True)
@@ -137,6 +135,7 @@ class Receiver:
                                     "Notified Observations by route (pipeline, temperature)", ("route",),
                                     registry=registry)
         self._graded = set(mappings.anc_codes) | set(mappings.input_kinds())
+        self._temperature_codes = set(mappings.context.temperature_codes)
         self.batcher = Batcher(self.process)
 
     def known(self, name: str) -> bool:
@@ -169,13 +168,13 @@ class Receiver:
             log.error("notified Observations could not be read; the cron pass will process them", extra={
                 "event": "notified-failed", "error_type": type(exc).__name__, "error": str(exc)})
         else:
-            # Temperatures go to the context seam; everything else (ANC, derived-ANC inputs, and what the
-            # server sent that is neither) to the pipeline, whose extraction decides as in a pass.
+            # Temperatures are context (CONTRACT §5b: a fever escalates a live Flag); everything else (ANC,
+            # derived-ANC inputs, and what the server sent that is neither) is graded, its extraction
+            # deciding as in a pass. Both go through one pipeline batch under the state lock.
             temperatures = [o for o in observations if self._temperature(o)]
             graded = [o for o in observations if not self._temperature(o)]
-            self._temperatures(temperatures)
-            if graded:
-                outcome, summary = self._pipeline(graded)
+            if graded or temperatures:
+                outcome, summary = self._pipeline(graded, temperatures)
         self.batches.labels(outcome=outcome).inc()
         self.observations.labels(route="pipeline").inc(len(graded))
         log.info("notified batch", extra={
@@ -186,7 +185,7 @@ class Receiver:
 
     def _temperature(self, observation: dict[str, Any]) -> bool:
         codes = _codes(observation)
-        return bool(codes & _TEMPERATURE) and not codes & self._graded
+        return bool(codes & self._temperature_codes) and not codes & self._graded
 
     def _observations(self, batch: list[Notified]) -> list[dict[str, Any]]:
         """The notified Observations, one per id (the most recently updated when a burst names an id
@@ -227,14 +226,8 @@ class Receiver:
                         found[patient.patient_id] = patient
         return found
 
-    def _temperatures(self, temperatures: list[dict[str, Any]]) -> None:
-        # MERGE(clinical context, CONTRACT §5b): a fever escalates a live Flag. Hand these to the context
-        # core here, under the same lock as the pipeline batch; until then they are counted only, and the
-        # cron pass grades with whatever context it reads.
-        if temperatures:
-            self.observations.labels(route="temperature").inc(len(temperatures))
-
-    def _pipeline(self, observations: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    def _pipeline(self, observations: list[dict[str, Any]],
+                  temperatures: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         path = Path(self.config.state.path)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -246,7 +239,7 @@ class Receiver:
                                   ServerSink(self.client, self.output, self.config.fhir.max_bundle_entries),
                                   self.output)
                         run.patients.add(self._patients(observations))
-                        summary = run.process_notified(observations)
+                        summary = run.process_notified(observations, temperatures)
                     finally:
                         state.db.close()
                     return "processed", _counts(summary.as_dict())
@@ -254,7 +247,8 @@ class Receiver:
                 if time.monotonic() >= deadline:
                     # A cron pass is running: it, or the one after it, reads these by _lastUpdated.
                     log.warning("the state stayed locked by a run; this batch is left to the cron pass",
-                                extra={"event": "notified-deferred", "observations": len(observations)})
+                                extra={"event": "notified-deferred",
+                                       "observations": len(observations) + len(temperatures)})
                     return "deferred", {}
                 time.sleep(0.25)
             except AdapterError as exc:

@@ -24,7 +24,6 @@ from fhir.resources.R4B.subscription import Subscription
 from adapter.errors import PermanentHttpError
 from adapter.fhir.client import FhirClient
 from adapter.mappings import Mappings
-from adapter.sources.prefetch import TEMPERATURE_CODES
 from adapter.state import State
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,9 @@ def specs(mappings: Mappings, derive: bool) -> tuple[Spec, ...]:
     return (
         Spec(ANC, f"Observation?code={anc}",
              "anc-adapter: grade new absolute neutrophil counts within seconds"),
-        Spec(TEMPERATURE, f"Observation?code={','.join(TEMPERATURE_CODES)}",
+        # The temperature codes `run` reads (mappings/context.toml): a notified fever is one run would see.
+        Spec(TEMPERATURE, "Observation?code=" + ",".join(f"{system}|{code}" for system, code
+                                                       in mappings.context.temperature_codes),
              "anc-adapter: temperatures for febrile neutropenia"),
     )
 

@@ -191,6 +191,34 @@ def test_temperatures_reach_the_context_seam_and_not_the_ledger(setup, served):
     assert setup.ledger("rt-fever-t1") is None
 
 
+def test_a_notified_fever_escalates_the_live_flag_without_a_run(setup, served):
+    """CONTRACT §5b: a fever recorded after the count escalates the live Flag — here within seconds, as
+    context through the same batch path, and the cron run after it writes nothing."""
+    setup.load(patient("rt-febrile"))
+    setup.put(anc("rt-febrile-1", "rt-febrile", 0.3, effective=RECENT))
+    [flag] = setup.wait_for_flag("rt-febrile")
+    assert flag["status"] == "active" and "Febrile" not in flag["code"]["text"]
+    fever_at = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    setup.put({"resourceType": "Observation", "id": "rt-febrile-t1", "status": "final",
+               "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
+               "subject": {"reference": "Patient/rt-febrile"}, "effectiveDateTime": fever_at,
+               "valueQuantity": {"value": 38.6, "unit": "Cel", "system": "http://unitsofmeasure.org",
+                                 "code": "Cel"}})
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        [flag] = setup.flags("rt-febrile")
+        if any(c.get("code") == "409089005" for c in flag["code"]["coding"]):
+            break
+        time.sleep(0.1)
+    assert any(c.get("code") == "409089005" for c in flag["code"]["coding"]), flag["code"]
+    assert flag["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+    details = [e["valueReference"]["reference"] for e in flag["extension"] if e["url"].endswith("flag-detail")]
+    assert details == ["Observation/rt-febrile-1", "Observation/rt-febrile-t1"]
+    code, summary = run_once(config_module.load(setup.config_path), setup.state_path, "cron-after-fever")
+    assert code == 0 and (summary.created, summary.updated) == (0, 0)
+    assert setup.flags("rt-febrile") == [flag]
+
+
 def test_backport_handshake_heartbeat_and_id_only_notifications(setup, served):
     """A topic-based (Backport IG) Subscription pointed at our endpoint, id-only, with heartbeats: the
     shapes HAPI sends. Sekmet has no built-in Observation topic, so the test defines one."""

@@ -28,7 +28,8 @@ def test_one_valid_rest_hook_subscription_per_criteria(derive):
     anc_codes = built[0]["criteria"].removeprefix("Observation?code=").split(",")
     assert {f"{s}|{c}" for s, c in loaded.anc_codes} <= set(anc_codes)
     assert ({f"{s}|{c}" for s, c in loaded.input_kinds()} <= set(anc_codes)) == derive
-    assert built[1]["criteria"] == "Observation?code=http://loinc.org|8310-5"
+    # The temperature codes `run` reads (mappings/context.toml), not a list of the subscription's own.
+    assert built[1]["criteria"] == "Observation?code=http://loinc.org|8310-5,http://loinc.org|8331-1"
 
 
 def test_ids_are_stable_per_deployment_and_differ_between_deployments():
