@@ -24,6 +24,7 @@ from adapter.fhir import client as client_module
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.fhir.throttle import TokenBucket
 from adapter.pipeline import DryRunSink, Run, ServerSink, Summary, Window
+from adapter.sources import bulk as bulk_source
 from adapter.state import State
 from adapter.writeback import Output
 
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", type=_instant, help="backfill window end (ISO 8601)")
     run.add_argument("--max-duration", type=float, metavar="SECONDS",
                      help="stop cleanly (state committed) after this long, before the next cron tick")
+    run.add_argument("--bulk", action="store_true",
+                     help="backfill through the server's Bulk Data $export (with --since: changed since then)")
     run.set_defaults(handler=_cmd_run)
 
     check = commands.add_parser("check", parents=[common], help="config, reachability, auth, capabilities")
@@ -173,9 +176,11 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
     if args.until and not args.since:
         raise ConfigError("--until needs --since")
+    if args.bulk and args.until:
+        raise ConfigError("--until: not available with --bulk ($export selects by --since only)")
     code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
                        window=Window(args.since, args.until), max_duration_s=args.max_duration,
-                       metrics_file=args.metrics_file)
+                       metrics_file=args.metrics_file, bulk=args.bulk)
     return code
 
 
@@ -183,15 +188,15 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
              window: Window = Window(), max_duration_s: float | None = None,
              collect_rows: bool = False, out: Any = None,
              metrics_file: str | None = None,
-             retry_only: tuple[str, ...] | None = None) -> tuple[int, Summary | None]:
+             retry_only: tuple[str, ...] | None = None, bulk: bool = False) -> tuple[int, Summary | None]:
     """One pass; `retry_only` grades quarantined Observations again (those ids, or all for ()) without
-    searching and without moving the watermark."""
+    searching and without moving the watermark; `bulk` reads through $export, never moving it either."""
     mappings = mappings_module.load(config.mappings.path)
     client = _client(config)
     with state_module.locked(state_path):
         state = State.open(state_path)
         if not dry_run:
-            state.start_run(run_id, _now(), "backfill" if window.backfill else "live")
+            state.start_run(run_id, _now(), "bulk" if bulk else "backfill" if window.backfill else "live")
 
         def finish(exit_code: int, summary: dict[str, Any]) -> None:
             if not dry_run:
@@ -204,10 +209,15 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
             work_state = state.scratch_copy() if dry_run else state
             output = _output(config, client, work_state)
             sink: Any = DryRunSink() if dry_run else ServerSink(client, output, config.fhir.max_bundle_entries)
-            progress = _Progress() if window.backfill and sys.stderr.isatty() else None
+            progress = _Progress() if (window.backfill or bulk) and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                       collect_rows=collect_rows, on_page=progress)
-            summary = run.retry_quarantine(retry_only) if retry_only is not None else run.execute(window)
+            if retry_only is not None:
+                summary = run.retry_quarantine(retry_only)
+            elif bulk:
+                summary = bulk_source.backfill(run, client, window.since, config.fhir.page_size, max_duration_s)
+            else:
+                summary = run.execute(window)
             if progress:
                 progress.done()
         except Exception as exc:

@@ -169,8 +169,45 @@ class FhirClient:
             return path_or_url
         return f"{self.base_url}/{path_or_url.lstrip('/')}"
 
+    def send(self, method: str, url: str, params: Any = None, headers: dict[str, str] | None = None,
+             stream: bool = False) -> requests.Response:
+        """One request whose answer is not a JSON resource (Bulk Data: a 202 without a body, an NDJSON
+        stream), under the same origin check, retry policy and error types as every other call. The
+        caller reads the response and closes it."""
+        return self._retrying()(self._send_once, method, self._url(url), params, headers, stream)
+
+    def on_this_server(self, url: str) -> bool:
+        return _same_origin(url, self.base_url)
+
+    def _send_once(self, method: str, url: str, params: Any, headers: dict[str, str] | None,
+                   stream: bool) -> requests.Response:
+        try:
+            response = self.session.request(method, url, params=params, headers=headers, stream=stream,
+                                            timeout=self.timeout_s)
+        except requests.exceptions.SSLError as exc:
+            self._count("error")
+            raise _tls_error(method, url, exc) from None
+        except _TRANSPORT_ERRORS as exc:
+            self._count("error")
+            raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
+        self._count(str(response.status_code))
+        status = response.status_code
+        if status < 400:
+            return response
+        with response:  # an error body is small: read it for the OperationOutcome codes, then let go
+            if status in AUTH_STATUSES:
+                raise AuthError(f"the server refused our credentials ({status} on {method})")
+            if status in RETRY_STATUSES:
+                raise TransientHttpError(
+                    f"{method} answered {status}", retry_after_s=_retry_after(response), status=status
+                )
+            raise PermanentHttpError(f"{method} answered {status}{_outcome_summary(response)}", status=status)
+
     def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
-        retrying = Retrying(
+        return self._retrying()(self._once, method, url, params, body)
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
             retry=retry_if_exception_type(TransientHttpError),
             wait=_wait_honouring_retry_after(
                 wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_wait_s)
@@ -181,7 +218,6 @@ class FhirClient:
             before_sleep=_log_retry,
             sleep=self._sleep,
         )
-        return retrying(self._once, method, url, params, body)
 
     def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
