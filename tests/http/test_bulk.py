@@ -7,7 +7,10 @@ import contextlib
 import io
 import itertools
 import json
+import os
 import re
+import signal
+import time
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlsplit
 
@@ -274,3 +277,34 @@ def _status(tmp_path, state) -> dict:
     with contextlib.redirect_stdout(out):
         assert main(["status", "--json", "--state", str(state), "--fhir-url", BASE]) == 0
     return json.loads(out.getvalue())
+
+
+def test_max_duration_stops_after_a_committed_page_and_cancels(server, tmp_path):
+    kicked_off(server)
+    server.get(STATUS, json=manifest(("Observation", f"{BASE}/files/o.ndjson")))
+    server.get(f"{BASE}/files/o.ndjson", body=ndjson(*(anc(f"o{i}", "a", 0.4) for i in range(3))))
+    server.get(f"{BASE}/Patient/a", json=patient("a"))
+    config = tmp_path / "adapter.toml"
+    config.write_text("[fhir]\npage_size = 1\n")
+    state = tmp_path / "s.sqlite3"
+    assert main(["run", "--bulk", "--max-duration", "0", "--config", str(config), "--fhir-url", BASE,
+                 "--state", str(state)]) == 0
+    summary = _status(tmp_path, state)["last_runs"][0]["summary"]
+    assert (summary["observations_read"], summary["complete"]) == (1, False)
+    assert deletes(server) == [STATUS]
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM handled already")
+def test_sigterm_while_waiting_cancels_the_export(server):
+    kicked_off(server)
+    server.get(STATUS, status=202, headers={"Retry-After": "5"})
+
+    def terminated(seconds: float) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here, in the main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        with bulk._sigterm_interrupts(), bulk.export(client(), {}, budget_s=60, sleep=terminated):
+            pytest.fail("no manifest expected")
+    assert deletes(server) == [STATUS]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
