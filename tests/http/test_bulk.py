@@ -308,3 +308,18 @@ def test_sigterm_while_waiting_cancels_the_export(server):
             pytest.fail("no manifest expected")
     assert deletes(server) == [STATUS]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_derived_anc_inputs_are_exported_when_derivation_is_on(server, tmp_path):
+    server.get(f"{BASE}/$export", status=501)
+    config = tmp_path / "adapter.toml"
+    asked = []
+    for toml in ("", "[classify]\nderive = true\n"):
+        config.write_text(toml)
+        assert main(["run", "--bulk", "--config", str(config), "--fhir-url", BASE,
+                     "--state", str(tmp_path / "s.sqlite3")]) == ExitCode.CONFIG
+        kickoff = [c.request.url for c in server.calls if "$export" in c.request.url][-1]
+        (type_filter,) = parse_qs(urlsplit(kickoff).query)["_typeFilter"]
+        asked.append(set(parse_qs(type_filter.partition("?")[2])["code"][0].split(",")))
+    assert f"{LOINC}|751-8" in asked[0] and f"{LOINC}|6690-2" not in asked[0]
+    assert asked[0] < asked[1] and f"{LOINC}|6690-2" in asked[1]  # leukocytes, an input of the derivation
