@@ -107,7 +107,7 @@ def pages(client: FhirClient, manifest: Manifest, page_size: int,
     lookup read from the Patient files first. Lines that are not JSON or not the file's resource type
     are counted as malformed; the rest of the file goes on."""
     patients: dict[str, Patient] = {}
-    malformed = 0
+    malformed = not_kept = 0
     for output in (o for o in manifest.outputs if o.resource_type == "Patient"):
         for line in lines(client, output.url):
             resource = _parse(line, "Patient")
@@ -116,9 +116,11 @@ def pages(client: FhirClient, manifest: Manifest, page_size: int,
                 malformed += 1
             elif len(patients) < lookup_max or patient.patient_id in patients:
                 patients[patient.patient_id] = patient
-    if len(patients) >= lookup_max:
+            else:
+                not_kept += 1
+    if not_kept:
         log.info("more Patients than the lookup keeps; the others are read when needed",
-                 extra={"event": "bulk-patient-lookup-full", "kept": lookup_max})
+                 extra={"event": "bulk-patient-lookup-full", "kept": lookup_max, "not_kept": not_kept})
     observations = [o for o in manifest.outputs if o.resource_type == "Observation"]
     counts = [o.count for o in observations]
     total = sum(c for c in counts if c is not None) if None not in counts else None
