@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/bulk.py compare --n 10000
+	$(BIN)/python bench/bulk.py memory --sizes 10000 50000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

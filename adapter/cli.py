@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
@@ -28,6 +29,7 @@ from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.fhir.throttle import TokenBucket
 from adapter.outputs import report
 from adapter.pipeline import ReviewSink, Run, ServerSink, Summary, Window
+from adapter.sources import bulk as bulk_source
 from adapter.state import State
 from adapter.writeback import Output
 
@@ -92,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--review-state", metavar="PATH",
                      help="with --dry-run: where to keep the review copy for `report` "
                           "(default: <state>.review.sqlite3 beside the state)")
+    run.add_argument("--bulk", action="store_true",
+                     help="backfill through the server's Bulk Data $export (with --since: changed since then)")
     run.set_defaults(handler=_cmd_run)
 
     review = commands.add_parser("report", parents=[common], help="self-contained HTML review (patient data)")
@@ -192,10 +196,12 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
         raise ConfigError("--until needs --since")
     if args.review_state and not args.dry_run:
         raise ConfigError("--review-state: only with --dry-run")
+    if args.bulk and args.until:
+        raise ConfigError("--until: not available with --bulk ($export selects by --since only)")
     with stopping.on_signals() as stop:
         code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
                            window=Window(args.since, args.until), max_duration_s=args.max_duration,
-                           metrics_file=args.metrics_file, stop=stop,
+                           metrics_file=args.metrics_file, stop=stop, bulk=args.bulk,
                            review_path=Path(args.review_state) if args.review_state else None)
     return code
 
@@ -211,11 +217,13 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
              collect_rows: bool = False, out: Any = None,
              metrics_file: str | None = None,
              retry_only: tuple[str, ...] | None = None,
-             review_path: Path | None = None, stop: stopping.Stop | None = None) -> tuple[int, Summary | None]:
+             review_path: Path | None = None, stop: stopping.Stop | None = None,
+             bulk: bool = False) -> tuple[int, Summary | None]:
     """One pass; `retry_only` grades quarantined Observations again (those ids, or all for ()) without
-    searching and without moving the watermark. A dry run works on a review copy of the state
-    (`review_path`, default beside the state) and leaves it there for `report`: the live state's ledger,
-    watermark and run history stay as they were. `stop` set (by a signal) ends it at a safe point: exit 6."""
+    searching and without moving the watermark; `bulk` reads through $export, never moving it either. A
+    dry run works on a review copy of the state (`review_path`, default beside the state) and leaves it
+    there for `report`: the live state's ledger, watermark and run history stay as they were. `stop` set
+    (by a signal) ends it at a safe point: exit 6."""
     mappings = mappings_module.load(config.mappings.path)
     client = _client(config, stop)
     with state_module.locked(state_path):
@@ -228,7 +236,7 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
             work_state.start_run(run_id, started, "dry-run")
         else:
             work_state = state
-            state.start_run(run_id, _now(), "backfill" if window.backfill else "live")
+            state.start_run(run_id, _now(), "bulk" if bulk else "backfill" if window.backfill else "live")
 
         def finish(exit_code: int, summary: dict[str, Any]) -> None:
             work_state.finish_run(run_id, _now(), exit_code, summary)
@@ -240,10 +248,16 @@ def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = Fals
             output = _output(config, client, work_state)
             sink: Any = ReviewSink(work_state, run_id, _now) if dry_run \
                 else ServerSink(client, output, config.fhir.max_bundle_entries)
-            progress = _Progress() if window.backfill and sys.stderr.isatty() else None
+            progress = _Progress() if (window.backfill or bulk) and sys.stderr.isatty() else None
             run = Run(config, mappings, client, work_state, sink, output, max_duration_s=max_duration_s,
                       collect_rows=collect_rows, on_page=progress, stop=stop)
-            summary = run.retry_quarantine(retry_only) if retry_only is not None else run.execute(window)
+            if retry_only is not None:
+                summary = run.retry_quarantine(retry_only)
+            elif bulk:
+                summary = bulk_source.backfill(run, client, window.since, config.fhir.page_size, max_duration_s,
+                                               sleep=stop.wait if stop is not None else time.sleep)
+            else:
+                summary = run.execute(window)
             if progress:
                 progress.done()
         except Exception as exc:

@@ -186,14 +186,56 @@ class FhirClient:
             return path_or_url
         return f"{self.base_url}/{path_or_url.lstrip('/')}"
 
+    def send(self, method: str, url: str, params: Any = None, headers: dict[str, str] | None = None,
+             stream: bool = False, after_stop: bool = False) -> requests.Response:
+        """One request whose answer is not a JSON resource (Bulk Data: a 202 without a body, an NDJSON
+        stream), under the same origin check, retry policy, stop and error types as every other call.
+        The caller reads the response and closes it. `after_stop`: sent once even after a stop (the
+        DELETE that cancels an export job we leave behind)."""
+        url = self._url(url)
+        if after_stop:
+            return self._send_once(method, url, params, headers, stream)
+        return self._guarded(lambda *args: self._retrying()(self._send_once, *args),
+                             method, url, params, headers, stream)
+
+    def on_this_server(self, url: str) -> bool:
+        return _same_origin(url, self.base_url)
+
+    def _send_once(self, method: str, url: str, params: Any, headers: dict[str, str] | None,
+                   stream: bool) -> requests.Response:
+        try:
+            response = self.session.request(method, url, params=params, headers=headers, stream=stream,
+                                            timeout=self.timeout_s)
+        except requests.exceptions.SSLError as exc:
+            self._count("error")
+            raise _tls_error(method, url, exc) from None
+        except _TRANSPORT_ERRORS as exc:
+            self._count("error")
+            raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
+        self._count(str(response.status_code))
+        status = response.status_code
+        if status < 400:
+            return response
+        with response:  # an error body is small: read it for the OperationOutcome codes, then let go
+            if status in AUTH_STATUSES:
+                raise AuthError(f"the server refused our credentials ({status} on {method})")
+            if status in RETRY_STATUSES:
+                raise TransientHttpError(
+                    f"{method} answered {status}", retry_after_s=_retry_after(response), status=status
+                )
+            raise PermanentHttpError(f"{method} answered {status}{_outcome_summary(response)}", status=status)
+
     def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
+        return self._guarded(self._attempts, method, url, params, body)
+
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
         if self.stop is None:
-            return self._attempts(method, url, params, body)
+            return call(*args)
         if self.stop.is_set():
             raise Stopped("stop requested")  # nothing new is sent after a stop
-        return self._await(_background(self._attempts, method, url, params, body))
+        return self._await(_background(call, *args))
 
-    def _await(self, pending: Future) -> dict[str, Any]:
+    def _await(self, pending: Future) -> Any:
         """The call's result; with a stop installed, give up waiting as soon as a stop is requested.
         The request is left to its daemon thread: given up, a read costs nothing, and a write is
         either applied or not — the page's state rolls back and the rerun repeats the idempotent PUT."""
@@ -205,7 +247,10 @@ class FhirClient:
         return pending.result()
 
     def _attempts(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
-        retrying = Retrying(
+        return self._retrying()(self._once, method, url, params, body)
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
             retry=retry_if_exception_type(TransientHttpError),
             wait=_wait_honouring_retry_after(
                 wait_exponential(multiplier=self.retry.initial_s, max=self.retry.max_wait_s)
@@ -217,7 +262,6 @@ class FhirClient:
             before_sleep=_log_retry,
             sleep=self._pause,
         )
-        return retrying(self._once, method, url, params, body)
 
     def _pause(self, seconds: float) -> None:
         if self.stop is not None:
@@ -257,7 +301,7 @@ class FhirClient:
         return parsed
 
 
-def _background(call: Callable[..., dict[str, Any]], *args: Any) -> Future:
+def _background(call: Callable[..., Any], *args: Any) -> Future:
     """Run one call on a daemon thread. A ThreadPoolExecutor's workers are joined when the interpreter
     exits, so a request given up after a stop would hold the exit for its whole timeout; this does not."""
     future: Future = Future()
