@@ -23,6 +23,7 @@ from adapter.errors import ConfigError, LockHeldError
 SCHEMES = ("postgresql://", "postgres://")
 PASSWORD_ENV = "ANC_STATE_PASSWORD"
 _LOCK_NAMESPACE = "anc-adapter:"
+_CREATES = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
 
 
 def is_url(location: object) -> bool:
@@ -81,6 +82,12 @@ class Connection:
         # One statement at a time: psycopg runs a multi-statement string only without parameters, and a
         # failing statement is then named in the error.
         for statement in _statements(script):
+            # CREATE INDEX takes a lock on its table before it looks whether the index exists, so it would
+            # wait for a run's open transaction: `status` beside a run must not. Existing objects are
+            # skipped before that (the schema only ever adds objects).
+            created = _CREATES.match(statement)
+            if created and self.session.execute("SELECT to_regclass(%s) AS o", (created[1],)).fetchone()["o"]:
+                continue
             self.session.execute(translate(statement))
 
     def columns(self, table: str) -> set[str]:
