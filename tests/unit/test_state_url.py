@@ -3,6 +3,8 @@ PostgreSQL dialect layer (pure: no server)."""
 
 from __future__ import annotations
 
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,12 @@ def test_each_schema_has_its_own_lock_key_that_fits_a_bigint():
 def test_every_table_of_the_schema_is_copied_for_a_dry_run():
     assert state._TABLES == ("meta", "observations", "derive_inputs", "quarantine", "written",
                              "write_failures", "runs")
+
+
+def test_the_kubernetes_postgresql_recipe_is_a_valid_config_without_disk_or_password():
+    recipe = (Path(__file__).parents[2] / "config/kubernetes/cronjob-postgresql.yaml").read_text()
+    block = recipe.split("adapter.toml: |\n", 1)[1].split("\n---", 1)[0]
+    loaded = _validated(_build(Config, tomllib.loads(textwrap.dedent(block)), ""))
+    assert state_pg.is_url(state.where(loaded.state))
+    assert "persistentVolumeClaim" not in recipe and "PersistentVolumeClaim" not in recipe
+    assert "name: ANC_STATE_PASSWORD" in recipe and "key: state-password" in recipe
