@@ -76,7 +76,8 @@ class Connection:
         self.session = session
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
-        return self.session.execute(translate(sql), tuple(parameters) or None)
+        # Always a tuple, even empty: then psycopg reads `%%` back as `%` in every statement alike.
+        return self.session.execute(translate(sql), tuple(parameters))
 
     def executescript(self, script: str) -> None:
         # One statement at a time: psycopg runs a multi-statement string only without parameters, and a
@@ -88,7 +89,7 @@ class Connection:
             created = _CREATES.match(statement)
             if created and self.session.execute("SELECT to_regclass(%s) AS o", (created[1],)).fetchone()["o"]:
                 continue
-            self.session.execute(translate(statement))
+            self.execute(statement)
 
     def columns(self, table: str) -> set[str]:
         rows = self.session.execute(
