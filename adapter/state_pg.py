@@ -121,7 +121,13 @@ def _statements(script: str) -> Iterator[str]:
 
 
 def connect(url: str) -> Connection:
-    return Connection(_session(url))
+    session = _session(url)
+    # A commit is what lets the watermark pass an Observation: it must survive a server crash. A database
+    # (or role) set to synchronous_commit=off could lose the last commits and then skip their alerts;
+    # 'local', 'remote_write', 'on' and 'remote_apply' all flush locally first and are left as set.
+    if session.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "off":
+        session.execute("SET synchronous_commit = on")
+    return Connection(session)
 
 
 def lock_key(schema: str) -> int:

@@ -170,3 +170,12 @@ def test_state_backup_of_a_postgresql_state_points_to_pg_dump(tmp_path, pg_url, 
     assert main(["state", "backup", str(tmp_path / "copy"), "--state", pg_url]) == 2
     assert "pg_dump" in capsys.readouterr().err
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_database_set_to_lose_recent_commits_is_overruled_for_the_state(pg_url, monkeypatch):
+    monkeypatch.setenv("PGOPTIONS", "-c synchronous_commit=off")  # as if the DBA had set it for the role
+    state = State.open(pg_url)
+    assert state.db.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
+    monkeypatch.setenv("PGOPTIONS", "-c synchronous_commit=remote_apply")  # stronger: kept as it is
+    state = State.open(pg_url)
+    assert state.db.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "remote_apply"
