@@ -37,6 +37,12 @@ SCHEMA_VERSION = 3  # 3: the quarantine keeps only what a retry reads (extract.k
 DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
 _LIVE_RISK = ("SELECT identifier, patient_id, evidence FROM written WHERE resource_type = 'RiskAssessment'"
               " AND identifier {} ? AND status NOT IN ('entered-in-error', 'cancelled') ORDER BY identifier LIMIT ?")
+# Adding to the state (both engines get it from these lines): a table goes into _SCHEMA as CREATE TABLE IF
+# NOT EXISTS with TEXT / INTEGER / REAL columns and a PRIMARY KEY (it is then created on SQLite and
+# PostgreSQL, in new and existing states, and copied for --dry-run); a column of an existing table goes
+# into _ADDED_COLUMNS; a setting goes into meta with _set_meta / _meta. Writes use _upsert (never INSERT OR
+# REPLACE/IGNORE) or plain INSERT / UPDATE / DELETE with ? placeholders; rows are read by column name.
+# Tests that take the `state` fixture (tests/conftest.py) run on both engines.
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (

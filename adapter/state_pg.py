@@ -23,6 +23,7 @@ from adapter.errors import ConfigError, LockHeldError
 SCHEMES = ("postgresql://", "postgres://")
 PASSWORD_ENV = "ANC_STATE_PASSWORD"
 _LOCK_NAMESPACE = "anc-adapter:"
+_SQLITE_ONLY = re.compile(r"\s*(INSERT\s+OR\s+(REPLACE|IGNORE)|REPLACE\s+INTO)\b", re.IGNORECASE)
 _CREATES = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
 
 
@@ -105,6 +106,9 @@ class Connection:
 def translate(sql: str) -> str:
     """SQLite spelling -> PostgreSQL. The state's SQL passes values only as parameters, so a `?` or a
     `%` is never inside a string literal."""
+    if _SQLITE_ONLY.match(sql):
+        raise ValueError("INSERT OR REPLACE/IGNORE is SQLite's alone: write it with State._upsert or "
+                         "INSERT … ON CONFLICT (key) DO UPDATE/NOTHING")
     sql = sql.replace("%", "%%").replace("?", "%s")
     if sql.lstrip().upper().startswith(("CREATE", "ALTER")):
         sql = re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)  # SQLite's REAL is 8 bytes; PostgreSQL's 4

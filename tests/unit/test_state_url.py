@@ -3,6 +3,7 @@ PostgreSQL dialect layer (pure: no server)."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 import tomllib
 from pathlib import Path
@@ -87,3 +88,11 @@ def test_the_kubernetes_postgresql_recipe_is_a_valid_config_without_disk_or_pass
     assert state_pg.is_url(state.where(loaded.state))
     assert "persistentVolumeClaim" not in recipe and "PersistentVolumeClaim" not in recipe
     assert "name: ANC_STATE_PASSWORD" in recipe and "key: state-password" in recipe
+
+
+def test_the_state_sql_stays_in_the_subset_both_engines_speak():
+    # A merge that brings back SQLite-only upserts would break every PostgreSQL state at its first write.
+    source = (Path(__file__).parents[2] / "adapter/state.py").read_text()
+    assert not re.findall(r"INSERT\s+OR\s+(?:REPLACE|IGNORE)\s+INTO|REPLACE\s+INTO", source)
+    with pytest.raises(ValueError, match="_upsert"):
+        state_pg.translate("INSERT OR REPLACE INTO meta VALUES (?, ?)")
