@@ -12,6 +12,7 @@ adapter.state_pg translates the rest. Only PRAGMAs and the file handling below a
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -551,18 +552,20 @@ class State:
     def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any]) -> None:
         """Insert `row`, or overwrite the columns it names in the row with the same `key`: the portable
         form of INSERT OR REPLACE (give every column, None for those to clear, for a whole new row)."""
-        columns = list(row)
-        changes = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-        self.db.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"),
-            tuple(row.values()),
-        )
+        self.db.execute(_upsert_sql(table, key, tuple(row)), tuple(row.values()))
 
 
 def where(config: Any) -> Path | str:
     """The state a `[state]` config names: its postgresql:// URL, else its SQLite file path."""
     return config.url or Path(config.path)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    # Built once per statement shape: record_classified runs once per Observation read.
+    changes = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"))
 
 
 @contextmanager
