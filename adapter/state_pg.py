@@ -71,8 +71,6 @@ def _session(url: str) -> Any:
 class Connection:
     """A psycopg session that takes the state's SQLite-spelled SQL (see the module docstring)."""
 
-    postgres = True
-
     def __init__(self, session: Any):
         self.session = session
 
