@@ -72,7 +72,7 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
 
     option("--config", help="TOML config (else $ANC_ADAPTER_CONFIG, else config/adapter.toml)")
     option("--fhir-url", help="FHIR base URL; overrides [fhir] base_url")
-    option("--state", help="state file; overrides [state] path")
+    option("--state", help="state file or postgresql:// URL; overrides [state] path and url")
     option("--log-format", choices=("json", "text"), help="default: json unless stderr is a TTY")
     option("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     option("--metrics-file", help="write Prometheus text metrics here at the end of a run")
@@ -160,8 +160,17 @@ def _config(args: argparse.Namespace) -> Config:
     loaded = config_module.load(config_module.resolve_path(args.config))
     return loaded.with_overrides(
         fhir={"base_url": args.fhir_url} if args.fhir_url else {},
-        state={"path": args.state} if args.state else {},
+        state=_state_override(args.state),
     )
+
+
+def _state_override(given: str | None) -> dict[str, str]:
+    """--state names the state outright: a URL replaces [state] path, a path replaces [state] url."""
+    if not given:
+        return {}
+    if state_module.state_pg.is_url(given):
+        return {"url": given, "path": config_module.StateConfig.path}
+    return {"path": given, "url": ""}
 
 
 def _client(config: Config, stop: stopping.Stop | None = None) -> FhirClient:
@@ -199,20 +208,25 @@ def _cmd_run(args: argparse.Namespace, run_id: str) -> int:
     if args.bulk and args.until:
         raise ConfigError("--until: not available with --bulk ($export selects by --since only)")
     with stopping.on_signals() as stop:
-        code, _ = run_once(config, Path(config.state.path), run_id, dry_run=args.dry_run,
+        code, _ = run_once(config, state_module.where(config.state), run_id, dry_run=args.dry_run,
                            window=Window(args.since, args.until), max_duration_s=args.max_duration,
                            metrics_file=args.metrics_file, stop=stop, bulk=args.bulk,
                            review_path=Path(args.review_state) if args.review_state else None)
     return code
 
 
-def review_state_path(state_path: Path) -> Path:
+def review_state_path(state_path: Path | str) -> Path:
     """Where `run --dry-run` keeps its review copy by default: beside the live state, same directory
-    (and so the same protection), e.g. state.sqlite3 -> state.review.sqlite3."""
+    (and so the same protection), e.g. state.sqlite3 -> state.review.sqlite3. A PostgreSQL state has no
+    folder beside it (and its pods often no disk): the review file must then be named."""
+    if state_module.state_pg.is_url(state_path):
+        raise ConfigError("--review-state: the state is in PostgreSQL; name the review file for the dry run "
+                          "and the report with --review-state PATH")
+    state_path = Path(state_path)
     return state_path.with_name(f"{state_path.stem}.review{state_path.suffix}")
 
 
-def run_once(config: Config, state_path: Path, run_id: str, dry_run: bool = False,
+def run_once(config: Config, state_path: Path | str, run_id: str, dry_run: bool = False,
              window: Window = Window(), max_duration_s: float | None = None,
              collect_rows: bool = False, out: Any = None,
              metrics_file: str | None = None,
@@ -331,6 +345,11 @@ def _cmd_report(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
     if args.until and args.since and args.until <= args.since:
         raise ConfigError("--until: must be later than --since")
+    if config.state.url:
+        # The report reads one SQLite file read-only and lock-free; a PostgreSQL state is reviewed through
+        # the file a dry run leaves (its live state, for now, only through that).
+        raise ConfigError("report: the state is in PostgreSQL; write a review file with `run --dry-run "
+                          "--review-state PATH`, then `report --state PATH --html FILE`")
     live, review = Path(config.state.path), review_state_path(Path(config.state.path))
     if args.dry_run and not review.is_file():
         raise ConfigError(f"report --dry-run: no review state at {review}; run `anc-adapter run --dry-run` first")
@@ -387,8 +406,8 @@ def _cmd_check(args: argparse.Namespace, run_id: str) -> int:
 
 def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
-    path = Path(config.state.path)
-    if not path.exists():
+    path = state_module.where(config.state)
+    if isinstance(path, Path) and not path.exists():
         raise ConfigError(f"state.path: {path} does not exist yet (no run has used it)")
     state = State.open(path)
     watermark = state.watermark()
@@ -432,7 +451,7 @@ def _cmd_status(args: argparse.Namespace, run_id: str) -> int:
 
 def _cmd_quarantine(args: argparse.Namespace, run_id: str) -> int:
     config = _config(args)
-    path = Path(config.state.path)
+    path = state_module.where(config.state)
     if args.action == "retry":
         with stopping.on_signals() as stop:
             code, _ = run_once(config, path, run_id, retry_only=tuple(args.ids), stop=stop)
@@ -457,7 +476,7 @@ def _cmd_state_backup(args: argparse.Namespace, run_id: str) -> int:
     # Not under the run lock: the copy reads a committed snapshot through its own connection, so a
     # backup from cron never makes a run exit 5, nor waits for one.
     config = _config(args)
-    size = state_module.backup(config.state.path, Path(args.path), replace=args.force)
+    size = state_module.backup(str(state_module.where(config.state)), Path(args.path), replace=args.force)
     log.info("state backed up", extra={"event": "state-backup", "bytes": size})
     sys.stdout.write(f"state copied to {args.path} ({size} bytes, integrity ok)\n")
     return 0

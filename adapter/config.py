@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qsl, urlsplit
 
 from adapter.errors import ConfigError
 
@@ -89,6 +90,9 @@ class OutputConfig:
 @dataclass(frozen=True)
 class StateConfig:
     path: str = "state/anc-adapter.sqlite3"
+    # postgresql://user@host:5432/db instead of `path` (pods that keep no disk); the password comes from
+    # ANC_STATE_PASSWORD or libpq's PGPASSWORD / PGPASSFILE, never from this file.
+    url: str = ""
 
 
 @dataclass(frozen=True)
@@ -292,8 +296,23 @@ def _validated(config: Config) -> Config:
     config.poll.overlap_delta  # noqa: B018
     if config.context.chemotherapy_lookback_delta <= timedelta(0):
         raise bad("context.chemotherapy_lookback", "must be a positive duration such as 'P42D'")
+    _validated_state(config.state)
     _validated_serve(config.serve)
     return config
+
+
+def _validated_state(state: StateConfig) -> None:
+    if not state.url:
+        return
+    if not state.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("state.url: must be a postgresql:// URL (a SQLite state is set with state.path)")
+    if state.path != StateConfig.path:
+        raise ConfigError("state.url and state.path: both set; give one (url for PostgreSQL, path for SQLite)")
+    parts = urlsplit(state.url)
+    if parts.password is not None or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        # A config file is copied, committed and shown in tickets: the secret lives in the environment.
+        raise ConfigError("state.url: holds a password; remove it and give it in ANC_STATE_PASSWORD "
+                          "(or libpq's PGPASSWORD / PGPASSFILE)")
 
 
 def _validated_serve(serve: ServeConfig) -> None:

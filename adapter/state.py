@@ -1,14 +1,22 @@
-"""SQLite state (CONTRACT §7): watermark, ledger of Observation versions, what we wrote, quarantine, runs.
+"""The state contract (CONTRACT §7): watermark, ledger of Observation versions, what we wrote, quarantine,
+runs. SQLite by default; PostgreSQL for `[state] url` (adapter.state_pg).
 
 Every change is made inside `transaction()`; the pipeline opens one only after the server confirmed the
-writes it records, so a crash at any point leaves state describing only what the server accepted."""
+writes it records, so a crash at any point leaves state describing only what the server accepted.
+
+The SQL here is written once, for both engines: SQLite's spelling (`?` placeholders, `BEGIN IMMEDIATE`,
+TEXT/INTEGER/REAL columns) restricted to what PostgreSQL also speaks (`INSERT … ON CONFLICT (key) DO
+UPDATE/NOTHING` via `_upsert`, never `INSERT OR REPLACE/IGNORE`; no `?` or `%` inside string literals);
+adapter.state_pg translates the rest. Only PRAGMAs and the file handling below are SQLite's alone."""
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -18,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adapter import extract
+from adapter import extract, state_pg
 from adapter.errors import AdapterError, ConfigError, LockHeldError
 from adapter.model import (
     AgeBand, Classification, Count, DeriveInput, Grade, InputKind, Quarantine, Reading,
@@ -30,6 +38,12 @@ SCHEMA_VERSION = 3  # 3: the quarantine keeps only what a retry reads (extract.k
 DELETED = "deleted"  # the ledger status of an Observation the server no longer has (hard-deleted)
 _LIVE_RISK = ("SELECT identifier, patient_id, evidence FROM written WHERE resource_type = 'RiskAssessment'"
               " AND identifier {} ? AND status NOT IN ('entered-in-error', 'cancelled') ORDER BY identifier LIMIT ?")
+# Adding to the state (both engines get it from these lines): a table goes into _SCHEMA as CREATE TABLE IF
+# NOT EXISTS with TEXT / INTEGER / REAL columns and a PRIMARY KEY (it is then created on SQLite and
+# PostgreSQL, in new and existing states, and copied for --dry-run); a column of an existing table goes
+# into _ADDED_COLUMNS; a setting goes into meta with _set_meta / _meta. Writes use _upsert (never INSERT OR
+# REPLACE/IGNORE) or plain INSERT / UPDATE / DELETE with ? placeholders; rows are read by column name.
+# Tests that take the `state` fixture (tests/conftest.py) run on both engines.
 # Columns added after version 1, added in place to an older state file (CREATE TABLE IF NOT EXISTS keeps
 # an existing table as it was).
 _ADDED_COLUMNS = (
@@ -136,6 +150,11 @@ CREATE TABLE IF NOT EXISTS planned (
     PRIMARY KEY (run_id, resource_type, identifier)
 );
 """
+# The columns of a graded reading: cleared when a version is recorded as anything else.
+_READING_COLUMNS = ("effective", "anc_per_ul", "comparator", "lln_per_ul", "grade", "at_least", "age_band",
+                    "notes", "sources")
+# Every table of the state, in schema order: what a --dry-run copy of a PostgreSQL state takes along.
+_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -224,9 +243,11 @@ class QuarantineEntry:
 
 
 class State:
-    def __init__(self, connection: sqlite3.Connection):
+    def __init__(self, connection: sqlite3.Connection | state_pg.Connection):
         self.db = connection
-        self.db.row_factory = sqlite3.Row
+        self.postgres = isinstance(connection, state_pg.Connection)
+        if not self.postgres:
+            self.db.row_factory = sqlite3.Row
         self.db.executescript(_SCHEMA)
         self._migrate()
         self._set_meta_default("schema_version", str(SCHEMA_VERSION))
@@ -236,18 +257,19 @@ class State:
     def _migrate(self) -> None:
         before = self._meta("schema_version")
         for table, column, kind in _ADDED_COLUMNS:
-            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            present = self.db.columns(table) if self.postgres else \
+                {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in present:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if before is not None and int(before) < 3:
             self._strip_quarantined_resources()
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _strip_quarantined_resources(self) -> None:
         """Before version 3 the quarantine kept whole Observations (names, notes): keep only what a retry
         reads, and leave no copy of the old text in free pages or in the WAL."""
         rows = self.db.execute("SELECT observation_id, resource FROM quarantine").fetchall()
-        if not rows:
+        if not rows or self.postgres:  # PostgreSQL states began at version 3: nothing to strip
             return
         # The old bytes are zeroed, not just unlinked (many SQLite builds default to this; not all).
         secure_delete = self.db.execute("PRAGMA secure_delete").fetchone()[0]
@@ -269,11 +291,15 @@ class State:
 
     def seen_before_in_pass(self, observation_id: str) -> bool:
         """Record that this pass read the Observation; True when it had already read it."""
-        cursor = self.db.execute("INSERT OR IGNORE INTO pass_ids VALUES (?)", (observation_id,))
+        cursor = self.db.execute("INSERT INTO pass_ids VALUES (?) ON CONFLICT DO NOTHING", (observation_id,))
         return cursor.rowcount == 0
 
     @classmethod
-    def open(cls, path: Path) -> State:
+    def open(cls, location: Path | str) -> State:
+        """The state at a SQLite file path or a postgresql:// URL (see `where`)."""
+        if state_pg.is_url(location):
+            return cls(state_pg.connect(str(location)))
+        path = Path(location)
         try:
             private_directory(path.parent)
             _create_private(path)
@@ -309,7 +335,7 @@ class State:
         """--dry-run: a copy of this state in its own file (`0600`), for the run to work on and `report`
         to read afterwards. The live file is only read; an earlier review at `path` is replaced, so a
         review always starts from the live state as it is now."""
-        live = self.db.execute("PRAGMA database_list").fetchone()["file"]
+        live = None if self.postgres else self.db.execute("PRAGMA database_list").fetchone()["file"]
         if live and Path(live).resolve() == path.resolve():
             raise ConfigError("--review-state: must not be the live state file")
         try:
@@ -320,20 +346,36 @@ class State:
             connection = sqlite3.connect(path, isolation_level=None, timeout=30)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"--review-state: cannot create {path}: {exc}") from None
-        self.db.backup(connection)
-        review = State(connection)
+        review = self._copy_into(connection)
         review.db.executescript(_REVIEW_SCHEMA)
         with review.transaction():
             for key, value in (("review_run_id", run_id), ("review_started", started),
                                ("review_since", since or ""), ("review_until", until or "")):
-                review.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                review._set_meta(key, value)
         return review
 
     def scratch_copy(self) -> State:
-        """An in-memory copy for --dry-run: the same run, nothing persisted."""
-        memory = sqlite3.connect(":memory:", isolation_level=None)
-        self.db.backup(memory)
-        return State(memory)
+        """An in-memory SQLite copy for --dry-run: the same run, nothing persisted."""
+        return self._copy_into(sqlite3.connect(":memory:", isolation_level=None))
+
+    def _copy_into(self, connection: sqlite3.Connection) -> State:
+        """This state copied into an (empty) SQLite connection. A PostgreSQL state is copied table by table
+        (the schema is the same), rather than run in a transaction rolled back at the end: the pipeline
+        commits page by page, and a copy also keeps a dry run from holding row locks on the live state."""
+        if not self.postgres:
+            self.db.backup(connection)
+            return State(connection)
+        copy = State(connection)
+        with copy.transaction():
+            copy.db.execute("DELETE FROM meta")  # the copy's own schema_version gives way to the original's
+            for table in _TABLES:
+                rows = self.db.execute(f"SELECT * FROM {table}").fetchall()
+                if rows:
+                    columns = list(rows[0])
+                    copy.db.executemany(
+                        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [tuple(row[c] for c in columns) for row in rows])
+        return copy
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -350,7 +392,7 @@ class State:
         return self._meta("watermark")
 
     def set_watermark(self, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('watermark', ?)", (value,))
+        self._set_meta("watermark", value)
 
     def resume_point(self) -> ResumePoint | None:
         stored = self._meta("resume_point")
@@ -360,15 +402,14 @@ class State:
         if point is None:
             self.db.execute("DELETE FROM meta WHERE key = 'resume_point'")
         else:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('resume_point', ?)",
-                            (json.dumps(vars(point)),))
+            self._set_meta("resume_point", json.dumps(vars(point)))
 
     def context_watermark(self) -> str | None:
         """The server's lastUpdated up to which the context of live patients has been polled."""
         return self._meta("context_watermark")
 
     def set_context_watermark(self, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('context_watermark', ?)", (value,))
+        self._set_meta("context_watermark", value)
 
     # -- ledger ----------------------------------------------------------------------------------
     def ledger(self, observation_id: str) -> Ledgered | None:
@@ -431,29 +472,29 @@ class State:
         return json.loads(row["sources"] or "[]") or [cited]
 
     def set_evidence_sweep(self, position: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('evidence_sweep', ?)", (position,))
+        self._set_meta("evidence_sweep", position)
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO observations VALUES (?,?,?,?, 'classified', ?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                reading.observation_id, reading.version, reading.status, reading.patient_id,
-                reading.effective.isoformat(), reading.count.anc_per_ul, reading.count.comparator,
-                reading.lln_per_ul, result.grade.value, int(result.at_least), result.age_band.value,
-                json.dumps(list(result.notes)), json.dumps(list(reading.sources)), now, last_updated,
-            ),
-        )
+        self._upsert("observations", ("observation_id",), {
+            "observation_id": reading.observation_id, "version": reading.version, "status": reading.status,
+            "patient_id": reading.patient_id, "outcome": "classified", "effective": reading.effective.isoformat(),
+            "anc_per_ul": reading.count.anc_per_ul, "comparator": reading.count.comparator,
+            "lln_per_ul": reading.lln_per_ul, "grade": result.grade.value, "at_least": int(result.at_least),
+            "age_band": result.age_band.value, "notes": json.dumps(list(result.notes)),
+            "sources": json.dumps(list(reading.sources)), "processed_at": now, "last_updated": last_updated,
+        })
         self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
                        outcome: str, now: str, last_updated: str = "") -> None:
         """A version that is not (or no longer) a usable reading: quarantined, withdrawn or ignored."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO observations (observation_id, version, status, patient_id, outcome,"
-            " processed_at, last_updated) VALUES (?,?,?,?,?,?,?)",
-            (observation_id, version, status, patient_id, outcome, now, last_updated),
-        )
+        self._upsert("observations", ("observation_id",), {
+            "observation_id": observation_id, "version": version, "status": status, "patient_id": patient_id,
+            "outcome": outcome, "processed_at": now, "last_updated": last_updated,
+            # A replaced row keeps nothing of an earlier graded version (as INSERT OR REPLACE did).
+            **dict.fromkeys(_READING_COLUMNS),
+        })
         if outcome != "quarantined":
             self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (observation_id,))
         if outcome != "derive-input":
@@ -461,11 +502,10 @@ class State:
 
     def record_input(self, item: DeriveInput, status: str, now: str) -> None:
         self.record_outcome(item.observation_id, item.version, status, item.patient_id, "derive-input", now)
-        self.db.execute(
-            "INSERT OR REPLACE INTO derive_inputs VALUES (?,?,?,?,?,?)",
-            (item.observation_id, item.version, item.patient_id, _utc(item.effective),
-             item.kind.value, item.value),
-        )
+        self._upsert("derive_inputs", ("observation_id",), {
+            "observation_id": item.observation_id, "version": item.version, "patient_id": item.patient_id,
+            "effective": _utc(item.effective), "kind": item.kind.value, "value": item.value,
+        })
 
     def input_group(self, observation_id: str) -> tuple[str, datetime] | None:
         """(patient, effective) of a stored derive input, so withdrawing it re-derives its group."""
@@ -555,12 +595,12 @@ class State:
         return _fact_row(row) if row else None
 
     def record_context(self, fact: ContextFact, now: str) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO context_facts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (fact.resource_type, fact.resource_id, fact.version, fact.patient_id, fact.kind,
-             fact.time.isoformat() if fact.time else None, fact.value, fact.name, fact.status,
-             fact.last_updated, now),
-        )
+        self._upsert("context_facts", ("resource_type", "resource_id"), {
+            "resource_type": fact.resource_type, "resource_id": fact.resource_id, "version": fact.version,
+            "patient_id": fact.patient_id, "kind": fact.kind, "time": fact.time.isoformat() if fact.time else None,
+            "value": fact.value, "name": fact.name, "status": fact.status, "last_updated": fact.last_updated,
+            "processed_at": now,
+        })
         if fact.resource_type == "Observation":
             self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (fact.resource_id,))
 
@@ -604,11 +644,11 @@ class State:
         ]
 
     def record_written(self, item: Written, now: str) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO written VALUES (?,?,?,?,?,?,?,?)",
-            (item.resource_type, item.identifier, item.patient_id, item.status, item.content_hash,
-             item.server_id, json.dumps(list(item.evidence)), now),
-        )
+        self._upsert("written", ("resource_type", "identifier"), {
+            "resource_type": item.resource_type, "identifier": item.identifier, "patient_id": item.patient_id,
+            "status": item.status, "content_hash": item.content_hash, "server_id": item.server_id,
+            "evidence": json.dumps(list(item.evidence)), "updated_at": now,
+        })
 
     def written_counts(self) -> dict[str, int]:
         rows = self.db.execute(
@@ -733,12 +773,39 @@ class State:
         return row["value"] if row else None
 
     def _set_meta_default(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._upsert("meta", ("key",), {"key": key, "value": value})
+
+    def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any]) -> None:
+        """Insert `row`, or overwrite the columns it names in the row with the same `key`: the portable
+        form of INSERT OR REPLACE (give every column, None for those to clear, for a whole new row)."""
+        self.db.execute(_upsert_sql(table, key, tuple(row)), tuple(row.values()))
+
+
+def where(config: Any) -> Path | str:
+    """The state a `[state]` config names: its postgresql:// URL, else its SQLite file path."""
+    return config.url or Path(config.path)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    # Built once per statement shape: record_classified runs once per Observation read.
+    changes = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"))
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One run at a time per state file (CONTRACT §7); a second run fails at once with exit 5."""
+def locked(location: Path | str) -> Iterator[None]:
+    """One run at a time per state (CONTRACT §7); a second run fails at once with exit 5. SQLite: fcntl on
+    a lock file beside the state; PostgreSQL: an advisory lock (adapter.state_pg)."""
+    if state_pg.is_url(location):
+        with state_pg.advisory_lock(str(location)):
+            yield
+        return
+    path = Path(location)
     lock_path = path.with_name(path.name + ".lock")
     try:
         private_directory(lock_path.parent)

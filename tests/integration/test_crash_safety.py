@@ -78,8 +78,8 @@ def test_killed_at_any_stage_then_rerun_leaves_no_duplicate_and_no_gap(fhir_serv
     assert (summary["created"], summary["updated"]) == (0, 0)
 
 
-def test_a_second_concurrent_run_exits_5_and_does_nothing(tmp_path):
-    state = tmp_path / "state.sqlite3"
+def test_a_second_concurrent_run_exits_5_and_does_nothing(state_location):  # SQLite and PostgreSQL
+    state = state_location
     with locked(state):
         code = main(["run", "--fhir-url", "http://127.0.0.1:9/fhir", "--state", str(state)])
     assert code == 5

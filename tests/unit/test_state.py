@@ -38,8 +38,7 @@ def test_a_version_1_state_file_is_upgraded_in_place(tmp_path):
     assert state.ledger("nope") is None  # the new column is queryable
 
 
-def test_discarding_an_unreadable_amendment_keeps_the_graded_version_in_effect():
-    state = State(sqlite3.connect(":memory:", isolation_level=None))
+def test_discarding_an_unreadable_amendment_keeps_the_graded_version_in_effect(state):  # on SQLite and PostgreSQL (conftest)
     with state.transaction():
         state.record_classified(reading("1"), Classification(Grade.SEVERE, age_band=AgeBand.ADULT), NOW)
         state.quarantine("o1", "2", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o1"}, NOW,
@@ -49,16 +48,14 @@ def test_discarding_an_unreadable_amendment_keeps_the_graded_version_in_effect()
     assert [r.version for r, _ in state.readings("p")] == ["1"]
 
 
-def test_discarding_a_plain_quarantine_marks_it_ignored():
-    state = State(sqlite3.connect(":memory:", isolation_level=None))
+def test_discarding_a_plain_quarantine_marks_it_ignored(state):  # on SQLite and PostgreSQL (conftest)
     with state.transaction():
         state.quarantine("o2", "1", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o2"}, NOW)
         assert state.discard_quarantined("o2", NOW)
     assert state.ledger("o2").outcome == "ignored"
 
 
-def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean():
-    state = State(sqlite3.connect(":memory:", isolation_level=None))
+def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean(state):  # on SQLite and PostgreSQL (conftest)
     assert state.seen_before_in_pass("o1") is False
     assert state.seen_before_in_pass("o1") is True
     state.start_pass()

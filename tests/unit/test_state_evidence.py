@@ -3,8 +3,6 @@ and the ledger after a deletion (a resource created again under the same id is g
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from adapter.state import DELETED, Ledgered, State, Written
@@ -12,16 +10,11 @@ from adapter.state import DELETED, Ledgered, State, Written
 NOW = "2026-11-26T00:00:00+00:00"
 
 
-def fresh() -> State:
-    return State(sqlite3.connect(":memory:", isolation_level=None))
-
-
 def wrote(state: State, kind: str, identifier: str, patient_id: str, status: str, *evidence: str) -> None:
     state.record_written(Written(kind, identifier, patient_id, status, "hash", None, evidence), NOW)
 
 
-def test_live_evidence_is_what_active_flags_and_live_risk_assessments_cite():
-    state = fresh()
+def test_live_evidence_is_what_active_flags_and_live_risk_assessments_cite(state):  # on SQLite and PostgreSQL (conftest)
     wrote(state, "Flag", "a/o1", "a", "active", "o1", "o2")
     wrote(state, "Flag", "a/o0", "a", "inactive", "o0")  # a closed episode: not live
     wrote(state, "Flag", "b/o3", "b", "entered-in-error", "o3")
@@ -34,16 +27,14 @@ def test_live_evidence_is_what_active_flags_and_live_risk_assessments_cite():
     assert sweep is None  # everything fits in one run
 
 
-def test_an_observation_already_known_deleted_is_not_checked_again():
-    state = fresh()
+def test_an_observation_already_known_deleted_is_not_checked_again(state):  # on SQLite and PostgreSQL (conftest)
     wrote(state, "Flag", "a/o1", "a", "active", "o1", "o2")
     state.record_outcome("o1", "1", DELETED, "a", "withdrawn", NOW)
     state.record_outcome("o2", "1", "entered-in-error", "a", "withdrawn", NOW)  # withdrawn, not deleted
     assert state.live_evidence(risk_limit=100)[0] == {"o2": {"a"}}
 
 
-def test_risk_assessment_evidence_is_swept_over_runs_and_active_flags_every_run():
-    state = fresh()
+def test_risk_assessment_evidence_is_swept_over_runs_and_active_flags_every_run(state):  # on SQLite and PostgreSQL (conftest)
     wrote(state, "Flag", "z/f", "z", "active", "f")
     for n in range(5):
         wrote(state, "RiskAssessment", f"p/r{n}", "p", "final", f"r{n}")
@@ -79,12 +70,11 @@ def test_a_deleted_observation_never_read_covers_nothing():
     assert not prior.covers("1", "2026-11-25T08:00:00Z")
 
 
-def test_a_derived_count_is_checked_by_its_source_observations():
+def test_a_derived_count_is_checked_by_its_source_observations(state):  # on SQLite and PostgreSQL (conftest)
     from datetime import datetime, timezone
 
     from adapter.model import AgeBand, Classification, Count, Grade, Reading
 
-    state = fresh()
     derived = Reading("derived-abc", "w+n", "final", "p", datetime(2026, 11, 20, tzinfo=timezone.utc),
                       Count(500.0), sources=("n", "w"))
     state.record_classified(derived, Classification(Grade.MODERATE, age_band=AgeBand.ADULT), NOW)
