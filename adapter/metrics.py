@@ -21,7 +21,7 @@ def write(path: Path, state: State, summary: dict[str, Any], exit_code: int, htt
     def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(name, doc, labels, registry=registry)
 
-    gauge("anc_adapter_last_run_exit_code", "Exit code of the last run (CONTRACT §1)").set(exit_code)
+    gauge("anc_adapter_last_run_exit_code", "Exit code of the last run (docs/operations.md: exit codes)").set(exit_code)
     gauge("anc_adapter_last_run_duration_seconds", "Duration of the last run").set(summary.get("duration_s", 0))
     for name, doc, iso in (
         ("anc_adapter_last_success_timestamp_seconds", "End of the last run that exited 0", state.last_success()),
