@@ -202,10 +202,11 @@ class FhirClient:
         return _same_origin(url, self.base_url)
 
     def _send_once(self, method: str, url: str, params: Any, headers: dict[str, str] | None,
-                   stream: bool) -> requests.Response:
+                   stream: bool, body: Any = None) -> requests.Response:
+        """One try: the response when it is not an error; else the error type the retry policy reads."""
         try:
-            response = self.session.request(method, url, params=params, headers=headers, stream=stream,
-                                            timeout=self.timeout_s)
+            response = self.session.request(method, url, params=params, json=body, headers=headers,
+                                            stream=stream, timeout=self.timeout_s)
         except requests.exceptions.SSLError as exc:
             self._count("error")
             raise _tls_error(method, url, exc) from None
@@ -271,26 +272,8 @@ class FhirClient:
 
     def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
-        try:
-            response = self.session.request(
-                method, url, params=params, json=body, headers=headers, timeout=self.timeout_s
-            )
-        except requests.exceptions.SSLError as exc:
-            self._count("error")
-            raise _tls_error(method, url, exc) from None
-        except _TRANSPORT_ERRORS as exc:
-            self._count("error")
-            raise TransientHttpError(f"{method} failed: {type(exc).__name__}") from None
-        self._count(str(response.status_code))
+        response = self._send_once(method, url, params, headers, stream=False, body=body)
         status = response.status_code
-        if status in AUTH_STATUSES:
-            raise AuthError(f"the server refused our credentials ({status} on {method})")
-        if status in RETRY_STATUSES:
-            raise TransientHttpError(
-                f"{method} answered {status}", retry_after_s=_retry_after(response), status=status
-            )
-        if status >= 400:
-            raise PermanentHttpError(f"{method} answered {status}{_outcome_summary(response)}", status=status)
         try:
             parsed = response.json()
         except (ValueError, json.JSONDecodeError):

@@ -133,16 +133,8 @@ def patient_view(records: PatientRecords, rules: Rules, now: datetime) -> list[d
     summary = f"{_label(result)}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
     if assessment.fever is not None:
         summary = f"Febrile neutropenia: {_fever_short(assessment.fever)} with {summary[0].lower()}{summary[1:]}"
-    detail = "\n\n".join(part for part in (
-        f"**{_label(result)}**: ANC {reading.count} cells/µL on {_when(reading.effective)}.",
-        _episode_line(assessment.episode),
-        *_context_lines(assessment),
-        _counts_table(assessment.counts),
-        _ungraded_line(assessment.ungraded),
-        _unread_line(assessment.unread),
-        _notes_line(result),
-        _rule_line(latest, rules, assessment),
-    ) if part)
+    detail = _detail(f"**{_label(result)}**: ANC {reading.count} cells/µL on {_when(reading.effective)}.",
+                     assessment, rules)
     return [_card(summary, assessment.indicator, detail, rules)]
 
 
@@ -173,17 +165,24 @@ def order_sign(records: PatientRecords, draft_orders: Mapping[str, Any], rules: 
         return []
     summary = (f"Chemotherapy order: latest ANC {reading.count} cells/µL ({_label(result).lower()}) "
                f"on {reading.effective.date().isoformat()}")
-    detail = "\n\n".join(part for part in (
-        f"**{_label(result)}** on the latest count before ordering: {names}.",
+    detail = _detail(f"**{_label(result)}** on the latest count before ordering: {names}.", assessment, rules)
+    return [_card(summary, "warning", detail, rules)]
+
+
+def _detail(headline: str, assessment: Assessment, rules: Rules) -> str:
+    """A card's markdown detail about an abnormal latest count: the episode, the context, the recent
+    counts, what could not be graded, and the rule used."""
+    latest = assessment.latest
+    return "\n\n".join(part for part in (
+        headline,
         _episode_line(assessment.episode),
         *_context_lines(assessment),
         _counts_table(assessment.counts),
         _ungraded_line(assessment.ungraded),
         _unread_line(assessment.unread),
-        _notes_line(result),
+        _notes_line(latest[1]),
         _rule_line(latest, rules, assessment),
     ) if part)
-    return [_card(summary, "warning", detail, rules)]
 
 
 def chemotherapy_orders(draft_orders: Mapping[str, Any], codes: ChemotherapyCodes) -> list[str]:

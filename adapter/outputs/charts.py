@@ -117,7 +117,7 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
                        f'fill-opacity="0.10"/>')
         svg.append(f'<line class="context" x1="{x(mark.at):.1f}" x2="{x(mark.at):.1f}" y1="{_TOP}" '
                    f'y2="{_TOP + plot_h}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3">'
-                   f"<title>{_e(mark.kind)}: {_e(mark.label)} ({_e(_when(mark.at))})</title></line>")
+                   f"<title>{_e(mark.kind)}: {_e(mark.label)} ({_e(when_utc(mark.at))})</title></line>")
         # Marks close in time (a fever two hours after a count, a projection from the same count) would
         # print their labels over each other: each label takes the lowest row where it fits.
         # A label that would run off the right edge is written leftwards from its line instead.
@@ -136,7 +136,7 @@ def timeline(patient_id: str, counts: Sequence[Graded], spans: Sequence[Span], t
     svg.append(f'<polyline points="{points}" fill="none" stroke="#546e7a" stroke-width="1.2"/>')
     for reading, result in shown:
         cx, cy, colour = x(reading.effective), y(reading.count.anc_per_ul), GRADE_COLOUR[result.grade]
-        tip = (f"{_when(reading.effective)}: ANC {reading.count} cells/µL, "
+        tip = (f"{when_utc(reading.effective)}: ANC {reading.count} cells/µL, "
                f"{'at least ' if result.at_least else ''}{result.grade.value} ({result.age_band.value})"
                f"{', derived' if reading.sources else ''} — Observation {reading.observation_id}")
         fill = "#fff" if result.at_least else colour
@@ -260,7 +260,7 @@ def day_bars(per_day: dict[date, list[str]], first: date, last: date) -> str:
 def runs_chart(runs: Sequence[dict[str, Any]]) -> str:
     """Per run, or per day when the runs span more than two days (cron every few minutes)."""
     buckets: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    starts = [_instant(r["started"]) for r in runs]
+    starts = [parse_instant(r["started"]) for r in runs]
     known = [s for s in starts if s is not None]
     daily = bool(known) and max(known) - min(known) > timedelta(days=2)
     for run, started in zip(runs, starts):
@@ -312,11 +312,13 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _when(moment: datetime) -> str:
+def when_utc(moment: datetime) -> str:
+    """An instant as the report shows it (UTC, to the minute)."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _instant(text: str | None) -> datetime | None:
+def parse_instant(text: str | None) -> datetime | None:
+    """A stored ISO instant; None when absent or unreadable; a naive one is taken as UTC."""
     if not text:
         return None
     try:

@@ -28,7 +28,7 @@ from adapter.errors import ConfigError
 from adapter.mappings import Thresholds
 from adapter.model import AgeBand, Grade
 from adapter.outputs import charts
-from adapter.outputs.charts import GRADE_COLOUR, MARK_COLOUR, OTHER_COLOUR, ContextMark
+from adapter.outputs.charts import GRADE_COLOUR, MARK_COLOUR, OTHER_COLOUR, ContextMark, parse_instant, when_utc
 from adapter.state import ContextFact, QuarantineEntry, State, Written
 
 BANNER = ("This file contains patient data: FHIR patient ids with their neutrophil counts and dates. "
@@ -135,7 +135,7 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
     wanted |= {patient for (patient, _), plan in planned_flags.items() if plan["action"] == "withdraw"}
     wanted |= {item.patient_id for item, updated_at in written
                if item.resource_type == "Flag" and item.status == "entered-in-error"
-               and within(_instant(updated_at))}
+               and within(parse_instant(updated_at))}
     flagged = []
     new_episodes: dict[date, list[str]] = defaultdict(list)
     for patient_id in sorted(wanted):
@@ -154,12 +154,12 @@ def collect(state: State, source: str, thresholds: Thresholds, since: datetime |
     shown_quarantine = tuple(
         (entry, effective_of.get(entry.observation_id, ""))
         for entry in quarantine
-        if within(_instant(effective_of.get(entry.observation_id, "")) or _instant(entry.first_seen))
+        if within(parse_instant(effective_of.get(entry.observation_id, "")) or parse_instant(entry.first_seen))
     )
     in_window = [r for g, r in readings if within(g.effective)]
     return ReportData(
         source=source, review=review, since=since, until=until,
-        runs=tuple(r for r in runs if within(_instant(r["started"]))),
+        runs=tuple(r for r in runs if within(parse_instant(r["started"]))),
         grades=Counter(r.grade.value for r in in_window),
         quarantine=shown_quarantine, written=tuple(written), planned=tuple(planned), flagged=tuple(flagged),
         thresholds=thresholds, default_lln=default_lln, counts_read=len(in_window),
@@ -286,11 +286,11 @@ def _title(data: ReportData, generated: datetime) -> str:
     window = _window_text(data.since, data.until) or "everything in the state"
     lines = [
         "<main><h1>ANC adapter review report</h1>",
-        f'<p class="meta">Generated {_e(_when(generated))} from <code>{_e(data.source)}</code>. '
+        f'<p class="meta">Generated {_e(when_utc(generated))} from <code>{_e(data.source)}</code>. '
         f"Report window (count effective time, run start): {_e(window)}.</p>",
     ]
     if data.review:
-        review_window = _window_text(_instant(data.review["since"]), _instant(data.review["until"]))
+        review_window = _window_text(parse_instant(data.review["since"]), parse_instant(data.review["until"]))
         lines.append(
             f'<div class="dry" id="dry-run"><strong>Dry run: nothing here was sent to the FHIR server.</strong> '
             f"This is the review copy left by <code>run --dry-run</code> (run {_e(data.review['run_id'])}, "
@@ -484,7 +484,7 @@ def _patient(number: int, patient: PatientView, data: ReportData, marks: list[Co
                "<th>effective (UTC)</th><th>ANC cells/µL</th><th>grade</th><th>age band</th><th>Observation</th>"
                "<th>notes</th></tr>")
     for reading, result in patient.shown:
-        out.append(f"<tr><td>{_e(_when(reading.effective))}</td><td class=n>{_e(reading.count)}</td>"
+        out.append(f"<tr><td>{_e(when_utc(reading.effective))}</td><td class=n>{_e(reading.count)}</td>"
                    f"<td>{_e(('at least ' if result.at_least else '') + result.grade.value)}</td>"
                    f"<td>{_e(result.age_band.value)}</td><td><code>{_e(reading.observation_id)}</code></td>"
                    f"<td>{_e('; '.join(result.notes))}</td></tr>")
@@ -560,8 +560,8 @@ def _count_table(counts: Counter[tuple[str, str]], headers: tuple[str, str], col
 def _alert_days(data: ReportData) -> tuple[date, date]:
     """The days the average is over: the report window, else the dry run's read window, else the data."""
     days = sorted(data.new_episodes)
-    since = data.since or (_instant(data.review["since"]) if data.review else None)
-    until = data.until or (_instant(data.review["until"] or data.review["started"]) if data.review else None)
+    since = data.since or (parse_instant(data.review["since"]) if data.review else None)
+    until = data.until or (parse_instant(data.review["until"] or data.review["started"]) if data.review else None)
     first = since.astimezone(timezone.utc).date() if since else days[0]
     last = (until - timedelta(microseconds=1)).astimezone(timezone.utc).date() if until else days[-1]
     return min(first, days[0]), max(last, days[-1])
@@ -575,21 +575,9 @@ def _text(resource: Any) -> str:
 def _window_text(since: datetime | None, until: datetime | None) -> str:
     if since is None and until is None:
         return ""
-    return f"{_when(since) if since else 'the beginning'} to {_when(until) if until else 'now'}"
+    return f"{when_utc(since) if since else 'the beginning'} to {when_utc(until) if until else 'now'}"
 
 
-def _instant(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _when(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _day(moment: datetime) -> str:
