@@ -244,7 +244,14 @@ def run_once(config: Config, state_path: Path | str, run_id: str, dry_run: bool 
         state = State.open(state_path)
         if dry_run:
             started = _now()
-            work_state = state.review_copy(review_path or review_state_path(state_path), run_id, started,
+            if review_path is None and state_module.state_pg.is_url(state_path):
+                # No folder beside a PostgreSQL state (and often no disk in its pod): the dry run works in
+                # memory, as `run --dry-run` always may; `--review-state PATH` keeps it for `report`.
+                log.info("dry run in memory: give --review-state PATH to keep it for `report`",
+                         extra={"event": "dry-run-not-kept"})
+            else:
+                review_path = review_path or review_state_path(state_path)
+            work_state = state.review_copy(review_path, run_id, started,
                                            window.since.isoformat() if window.since else None,
                                            window.until.isoformat() if window.until else None)
             work_state.start_run(run_id, started, "dry-run")

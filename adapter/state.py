@@ -330,22 +330,25 @@ class State:
         state.db.row_factory = sqlite3.Row
         return state
 
-    def review_copy(self, path: Path, run_id: str, started: str, since: str | None,
+    def review_copy(self, path: Path | None, run_id: str, started: str, since: str | None,
                     until: str | None) -> State:
         """--dry-run: a copy of this state in its own file (`0600`), for the run to work on and `report`
         to read afterwards. The live file is only read; an earlier review at `path` is replaced, so a
-        review always starts from the live state as it is now."""
-        live = None if self.postgres else self.db.execute("PRAGMA database_list").fetchone()["file"]
-        if live and Path(live).resolve() == path.resolve():
-            raise ConfigError("--review-state: must not be the live state file")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                leftover.unlink(missing_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-            connection = sqlite3.connect(path, isolation_level=None, timeout=30)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"--review-state: cannot create {path}: {exc}") from None
+        review always starts from the live state as it is now. `path` None: in memory, kept nowhere."""
+        if path is None:
+            connection = sqlite3.connect(":memory:", isolation_level=None)
+        else:
+            live = None if self.postgres else self.db.execute("PRAGMA database_list").fetchone()["file"]
+            if live and Path(live).resolve() == path.resolve():
+                raise ConfigError("--review-state: must not be the live state file")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                    leftover.unlink(missing_ok=True)
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                connection = sqlite3.connect(path, isolation_level=None, timeout=30)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(f"--review-state: cannot create {path}: {exc}") from None
         review = self._copy_into(connection)
         review.db.executescript(_REVIEW_SCHEMA)
         with review.transaction():

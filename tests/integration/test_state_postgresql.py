@@ -179,3 +179,22 @@ def test_a_database_set_to_lose_recent_commits_is_overruled_for_the_state(pg_url
     monkeypatch.setenv("PGOPTIONS", "-c synchronous_commit=remote_apply")  # stronger: kept as it is
     state = State.open(pg_url)
     assert state.db.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "remote_apply"
+
+
+def test_a_dry_run_review_of_a_postgresql_state_is_kept_in_the_named_file_for_the_report(
+        fhir_server, tmp_path, pg_url, capsys):
+    """Go-live review with the state in PostgreSQL: the dry run's review file is named (a PostgreSQL state
+    has no folder beside it), `report --state` reads it, and the live state is untouched."""
+    cohort(fhir_server)
+    config = config_file(tmp_path, fhir_server.base_url, pg_url)
+    review = tmp_path / "review.sqlite3"
+    assert main(["run", "--config", str(config), "--dry-run", "--review-state", str(review)]) == 0
+    capsys.readouterr()
+    assert main(["report", "--config", str(config), "--html", str(tmp_path / "r.html")]) == 2  # says how
+    assert main(["report", "--config", str(config), "--state", str(review), "--html", str(tmp_path / "r.html")]) == 0
+    assert "from the dry-run review state" in capsys.readouterr().out
+    html = (tmp_path / "r.html").read_text()
+    for flagged in ("p1", "p2", "p4"):  # the cohort's neutropenic patients, each with its own chart
+        assert f"Patient <code>{flagged}</code>" in html or f">{flagged}<" in html, flagged
+    assert fhir_server.flags() == []
+    assert State.open(pg_url).last_runs() == []
