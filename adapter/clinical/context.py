@@ -68,6 +68,12 @@ class Projection:
     below_by: datetime  # when the count is projected to fall below the threshold (minute precision)
 
 
+def shown_celsius(celsius: float) -> str:
+    """One decimal, cut rather than rounded, so a shown value never reaches a threshold the reading does
+    not: 100.9 °F is 38.28 °C, which rounded would read "38.3", the single-reading fever it is not."""
+    return f"{math.floor(round(celsius * 10, 6)) / 10:.1f}"
+
+
 def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules) -> Fever | None:
     """A fever within `window_hours` either side of `around`, or None. Prefers a single reading
     ≥ single_celsius (the highest, then the earliest); else the longest sustained run."""
