@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from adapter.config import ContextConfig
-from adapter.errors import PermanentHttpError, SearchTruncated
+from adapter.errors import AuthError, FhirError
 from adapter.fhir.client import FhirClient
 from adapter.mappings import ContextMappings
 
@@ -85,8 +85,10 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
             try:
                 for bundle in client.search(resource_type, params):
                     _collect(bundle, found)
-            except (PermanentHttpError, SearchTruncated) as exc:
+            except (FhirError, AuthError) as exc:
                 # The counts' alerts go out without this context rather than not at all; said in the log.
+                # Also a search refused (a token without this type's read scope) or down after retries:
+                # raised, it would roll back the counts' page and hold every alert back until it recovers.
                 found.complete = False
                 log.warning("could not read clinical context; alerts are written without it",
                             extra={"event": "context-read-failed", "resource_type": resource_type,
@@ -156,7 +158,7 @@ def _resolve_medications(client: FhirClient, found: Found) -> None:
     for medication_id in sorted(wanted):
         try:
             found.medications[medication_id] = client.get(f"Medication/{medication_id}")
-        except PermanentHttpError as exc:
+        except (FhirError, AuthError) as exc:
             log.warning("a referenced Medication could not be read", extra={
                 "event": "medication-missing", "medication_id": medication_id, "error": str(exc)})
 

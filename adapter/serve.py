@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import signal
 import socket
@@ -228,7 +229,8 @@ def _check_times(claims: dict[str, Any], now: float) -> None:
         value = claims.get(name)
         if value is None and name == "nbf":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # NaN (which Python's JSON reader takes) compares false to everything: it would never expire.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _unauthorized(f"{name} must be a number (seconds since the epoch)")
         times[name] = float(value)
     if times["exp"] + CLOCK_SKEW_S < now:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from itertools import groupby
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -67,6 +68,12 @@ class Projection:
     below_by: datetime  # when the count is projected to fall below the threshold (minute precision)
 
 
+def shown_celsius(celsius: float) -> str:
+    """One decimal, cut rather than rounded, so a shown value never reaches a threshold the reading does
+    not: 100.9 °F is 38.28 °C, which rounded would read "38.3", the single-reading fever it is not."""
+    return f"{math.floor(round(celsius * 10, 6)) / 10:.1f}"
+
+
 def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules) -> Fever | None:
     """A fever within `window_hours` either side of `around`, or None. Prefers a single reading
     ≥ single_celsius (the highest, then the earliest); else the longest sustained run."""
@@ -78,11 +85,15 @@ def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileR
         best = max(singles, key=lambda t: (t.celsius, -t.time.timestamp()))
         return Fever((best,), sustained=False)
     runs: list[list[Temperature]] = [[]]
-    for reading in near:
-        if reading.celsius >= rules.sustained_celsius:
-            runs[-1].append(reading)
-        elif runs[-1]:
-            runs.append([])  # a reading below the threshold between two ends the run
+    for _, same_time in groupby(near, key=lambda t: t.time):
+        readings = list(same_time)
+        hot = [t for t in readings if t.celsius >= rules.sustained_celsius]
+        runs[-1].extend(hot)
+        if len(hot) < len(readings):
+            # A reading below the threshold ends the run; one at the same instant as a reading at or above
+            # it is not *between* that reading and the others, so that reading both ends the run and
+            # starts the next (never decided by the order of ids within the instant).
+            runs.append(list(hot))
     span = timedelta(minutes=rules.sustained_minutes)
     qualifying = [run for run in runs if len(run) >= 2 and run[-1].time - run[0].time >= span]
     if not qualifying:

@@ -306,7 +306,7 @@ def _ungraded_line(reasons: tuple[str, ...]) -> str:
 
 def _fever_short(fever: Fever) -> str:
     hottest = max(t.celsius for t in fever.readings)
-    return f"{hottest:.1f} °C" + (" sustained" if fever.sustained else "")
+    return f"{context.shown_celsius(hottest)} °C" + (" sustained" if fever.sustained else "")
 
 
 def _fever_text(fever: Fever) -> str:

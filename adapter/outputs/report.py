@@ -22,7 +22,7 @@ from typing import Any
 
 from adapter import context_extract
 from adapter.clinical import assess
-from adapter.clinical.context import duffy_null_thresholds
+from adapter.clinical.context import duffy_null_thresholds, shown_celsius
 from adapter.clinical.episodes import Episode, Graded, episodes
 from adapter.errors import ConfigError
 from adapter.mappings import Thresholds
@@ -191,7 +191,8 @@ def _assessed_view(found: assess.Assessment, facts: list[ContextFact], shown: tu
     for reading in sorted(temperatures, key=lambda t: (t.time, t.observation_id)):
         if reading.celsius >= febrile.sustained_celsius and \
                 any(abs(reading.time - c.reading.effective) <= window for c in counts):
-            marks.append(ContextMark(reading.time, f"{reading.celsius:.1f} °C", "fever"))
+            recorded = f" ({reading.recorded})" if reading.recorded else ""
+            marks.append(ContextMark(reading.time, f"{shown_celsius(reading.celsius)} °C{recorded}", "fever"))
     given = {c.chemotherapy.reference: c.chemotherapy for c in counts if c.chemotherapy is not None}
     marks += [ContextMark(chemo.time, chemo.name, "chemotherapy") for chemo in given.values()]
     for count in counts:

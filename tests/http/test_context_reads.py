@@ -173,3 +173,15 @@ def test_a_failed_context_search_still_writes_the_alert(server, tmp_path):
     assert [c.response.status_code for c in server.mock.calls if "/Procedure" in c.request.url] == [400]
     flag = server.flags()["Patient/p"]
     assert flag["status"] == "active" and flag["code"]["text"].startswith("Severe neutropenia: ANC 300")
+
+
+@pytest.mark.parametrize("status", [403, 503])
+def test_a_context_search_refused_or_down_still_writes_the_alert(server, tmp_path, status):
+    # A token without Procedure read (403), or a Procedure search that keeps failing (503 after retries):
+    # context is secondary; the severe count's Flag must still go out, as for a 400.
+    server.mock.replace(responses.GET, re.compile(rf"{re.escape(BASE)}/Procedure\b(\?.*)?$"), status=status,
+                        json={"resourceType": "OperationOutcome", "issue": [{"code": "forbidden"}]})
+    server.counts = [anc("o1", "p", 0.3), patient("p")]
+    assert run(tmp_path) == 0
+    flag = server.flags()["Patient/p"]
+    assert flag["status"] == "active" and flag["code"]["text"].startswith("Severe neutropenia: ANC 300")

@@ -218,6 +218,16 @@ def test_a_fever_in_fahrenheit_is_said_in_celsius_and_as_recorded():
     assert "temperature 38.6 °C (101.5 °F as recorded)" in card["detail"]
 
 
+def test_a_sustained_fever_below_38_3_never_reads_38_3_in_the_summary():
+    # 100.9 °F (38.28 °C) then 100.6 °F over an hour: febrile by the sustained rule only. The summary
+    # must not say "38.3 °C", which reads as the single-reading rule.
+    fever = (temperature("t1", "p1", 100.9, at(hours=3), unit="[degF]"),
+             temperature("t2", "p1", 100.6, at(hours=2), unit="[degF]"))
+    card = patient_view(context_records(anc("o1", "p1", 0.2, effective=at(hours=4)), temperatures=fever),
+                        CLINICAL, NOW)[0]
+    assert card["summary"].startswith("Febrile neutropenia: 38.2 °C sustained"), card["summary"]
+
+
 def test_a_temperature_in_an_unknown_unit_is_never_used_and_is_counted():
     card = patient_view(context_records(anc("o1", "p1", 0.2, effective=at(hours=4)),
                                         temperatures=(temperature("t1", "p1", 39, at(hours=3), unit="degrees"),)),

@@ -75,6 +75,34 @@ def test_an_added_reading_at_or_above_38_never_removes_a_fever(readings, extra):
         assert fever(after, COUNT_AT, RULES) is not None
 
 
+@pytest.mark.parametrize("ids", [("a", "b", "z"), ("z", "y", "a")])
+def test_a_reading_below_38_at_the_same_instant_as_a_runs_end_is_not_between(ids):
+    # Two devices at one instant (38.1 and 37.5 at +1 h): the low one is not *between* the readings of
+    # the run 0 h -> 1 h, whatever the ids (which once decided it: the order within an instant was by id).
+    readings = [Temperature(ids[0], at(0), 38.1), Temperature(ids[1], at(1), 38.1), Temperature(ids[2], at(1), 37.5)]
+    found = fever(readings, COUNT_AT, RULES)
+    assert found is not None and found.sustained and found.evidence == (ids[0], ids[1])
+
+
+def test_a_reading_below_38_inside_a_run_still_breaks_it_when_it_shares_an_instant():
+    readings = [Temperature("a", at(0), 38.1), Temperature("b", at(0.5), 38.1), Temperature("c", at(0.5), 37.5),
+                Temperature("d", at(1), 38.1)]
+    assert fever(readings, COUNT_AT, RULES) is None
+
+
+@given(st.lists(st.tuples(st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0]), st.sampled_from([37.5, 38.0, 38.1])),
+                max_size=8), st.permutations(range(8)))
+def test_the_fever_found_never_depends_on_the_ids(readings, order):
+    # Same instants, same values, ids handed out in another order: the same fever (or none).
+    first = temps(*readings)
+    renamed = [Temperature(f"r{order[i]}", t.time, t.celsius) for i, t in enumerate(first)]
+    found, again = fever(first, COUNT_AT, RULES), fever(renamed, COUNT_AT, RULES)
+    assert (found is None) == (again is None)
+    if found is not None:
+        assert found.sustained == again.sustained
+        assert sorted((t.time, t.celsius) for t in found.readings) == sorted((t.time, t.celsius) for t in again.readings)
+
+
 def test_projection_log_linear_crossing():
     # 2000 -> 1000 over 24 h halves per day: 1000 -> 500 takes another 24 h.
     found = projection([("a", at(-24), 2000.0)], ("b", COUNT_AT, 1000.0), RULES)

@@ -322,6 +322,19 @@ def test_fever_chemotherapy_and_projection_marks_come_from_the_stored_facts(stat
     assert 'class="context"' not in document  # `rendered` passes no context function
 
 
+def test_a_temperature_below_38_3_is_never_labelled_38_3(state):
+    # 100.9 °F is 38.28 °C: no single-reading fever (>= 38.3). Rounded to one decimal the mark would read
+    # "38.3 °C" beside a Flag that is rightly not febrile, and a reviewer would see a missed fever.
+    with state.transaction():
+        graded(state, "fn", 1, 320, Grade.SEVERE, 10)
+        state.record_context(ContextFact("Observation", "t1", "1", "fn", "temperature", "final",
+                                         DAY0 + timedelta(days=10, hours=2), 38.277778, "100.9 °F"), NOW)
+    data, _ = rendered(state, rules=RULES)
+    [(kind, label)] = marks_of(data, "fn")
+    assert "38.3" not in label and label.startswith("38.2") and "100.9 °F" in label
+    assert [p.febrile_episodes for p in data.flagged if p.patient_id == "fn"] == [frozenset()]
+
+
 def test_a_site_marked_duffy_null_patient_is_graded_and_drawn_against_the_floor(state):
     with state.transaction():
         graded(state, "dn", 1, 1300, Grade.MILD, 1)  # stored as graded before the marker was read

@@ -62,6 +62,11 @@ def test_a_jti_is_forgotten_only_after_its_token_expired(ehr):
     ({"exp": int(T0) + 7200}, "more than 3600 s ahead"),
     ({"jti": ""}, "jti"),
     ({"iat": None}, "iat claim is required"),
+    # JSON as Python reads it takes NaN: such an exp compares false to everything, so it never expired and
+    # its jti was forgotten at once (replayable for ever).
+    ({"exp": float("nan")}, "exp must be a number"),
+    ({"iat": float("nan")}, "iat must be a number"),
+    ({"nbf": float("-inf")}, "nbf must be a number"),
 ])
 def test_claims_we_insist_on(ehr, claims, why):
     check = verifier(ehr, [T0 + 10])
@@ -180,6 +185,9 @@ def _load(tmp_path: Path, text: str):
     # Subscription mode exists now (docs/real-time.md): the key is known, and typed.
     ('[serve]\nsubscriptions = "yes"\n', "serve.subscriptions"),
     ('[serve]\nsubscriptions = true\nhost = "0.0.0.0"\n', "serve.public_url: required with serve.subscriptions"),
+    # Subscription mode locks and ledgers a SQLite file: with a PostgreSQL state it would keep a second one.
+    ('[state]\nurl = "postgresql://adapter@db.test/anc"\n[serve]\nsubscriptions = true\n',
+     "serve.subscriptions: needs a SQLite state"),
 ])
 def test_serve_config_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as caught:
