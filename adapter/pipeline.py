@@ -482,7 +482,10 @@ class Run:
             if context is not None:
                 touched |= self._record_context(context, now)
             if self._graded_at and self._context_wanted():
-                touched |= self._record_context(self._read_context(self._graded_at), now)
+                found = self._read_context(self._graded_at)
+                if not found.complete:  # read again next run, around the same counts (_poll_context)
+                    self.state.add_context_pending(self._graded_at)
+                touched |= self._record_context(found, now)
             touched.discard("")
             crashpoints.reach("classified")
             self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
@@ -701,6 +704,15 @@ class Run:
         usual overlap): bounded by live patients, not by the hospital's volume of vital signs."""
         if not self._context_wanted():
             return
+        pending = self.state.context_pending()
+        if pending:
+            # A read around new counts that failed: the poll below asks only what changed since its
+            # watermark, and would never bring back a temperature recorded before the count.
+            again = self._read_context(dict(pending))
+            self._process([], retry=True, context=again)
+            if again.complete:
+                with self.state.transaction():
+                    self.state.clear_context_pending(sorted(pending))
         live = self.state.live_patients() if "Flag" in self.output.resources else self.state.open_episode_patients()
         watermark = self.state.context_watermark()
         polled_since = datetime.fromisoformat(watermark) - self.config.poll.overlap_delta if watermark else since

@@ -126,6 +126,10 @@ CREATE TABLE IF NOT EXISTS context_facts (  -- clinical context read for graded 
     PRIMARY KEY (resource_type, resource_id)
 );
 CREATE INDEX IF NOT EXISTS context_facts_patient ON context_facts (patient_id, kind);
+CREATE TABLE IF NOT EXISTS context_pending (  -- patients whose context read around new counts failed
+    patient_id TEXT PRIMARY KEY,
+    around TEXT NOT NULL                -- the earliest count it was read around (ISO instant)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started TEXT NOT NULL,
@@ -614,6 +618,24 @@ class State:
             " ORDER BY resource_type, resource_id", (patient_id,)
         ).fetchall()
         return [_fact_row(row) for row in rows]
+
+    def context_pending(self) -> dict[str, datetime]:
+        """Patients whose context read around new counts was incomplete (a search refused or down): read
+        again, around the same counts, until a read is complete — the incremental poll alone would never
+        bring back a temperature recorded before it."""
+        rows = self.db.execute("SELECT patient_id, around FROM context_pending ORDER BY patient_id").fetchall()
+        return {row["patient_id"]: datetime.fromisoformat(row["around"]) for row in rows}
+
+    def add_context_pending(self, patients: dict[str, datetime]) -> None:
+        known = self.context_pending()
+        for patient_id, around in patients.items():
+            earliest = min(around, known[patient_id]) if patient_id in known else around
+            self._upsert("context_pending", ("patient_id",), {"patient_id": patient_id,
+                                                              "around": earliest.isoformat()})
+
+    def clear_context_pending(self, patient_ids: list[str]) -> None:
+        for patient_id in patient_ids:
+            self.db.execute("DELETE FROM context_pending WHERE patient_id = ?", (patient_id,))
 
     def live_patients(self) -> list[str]:
         """Patients with an active Flag of ours: those whose context is polled on every live run."""

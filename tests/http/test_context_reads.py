@@ -41,6 +41,7 @@ class Server:
         self.counts: list[dict] = []
         self.context: dict[str, list[dict]] = {}
         self.medications: dict[str, dict] = {}
+        self.down: dict[str, int] = {}  # context searches of this type answer 503 this many more times
         self.posted: list[dict] = []
         mock.get(f"{BASE}/metadata", json=statement)
         mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), json=EMPTY)
@@ -72,9 +73,14 @@ class Server:
         if kind == "Observation" and "_id" in query:  # the deleted-evidence check: every count still exists
             ids = set(query["_id"][0].split(","))
             return 200, {}, json.dumps(bundle(*[r for r in self.counts if r.get("id") in ids]))
+        if self.down.get(kind):
+            self.down[kind] -= 1
+            return 503, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]})
         subjects = set(query.get("subject", [""])[0].split(","))
+        since = query.get("_lastUpdated", ["ge"])[0][2:]  # like a server: only what changed since then
         return 200, {}, json.dumps(bundle(*[r for r in self.context.get(kind, [])
-                                            if r["subject"]["reference"] in subjects]))
+                                            if r["subject"]["reference"] in subjects
+                                            and r.get("meta", {}).get("lastUpdated", "9999") >= since]))
 
     def _medication(self, request) -> tuple[int, dict, str]:
         medication_id = urlparse(request.url).path.rsplit("/", 1)[1]
@@ -185,3 +191,28 @@ def test_a_context_search_refused_or_down_still_writes_the_alert(server, tmp_pat
     assert run(tmp_path) == 0
     flag = server.flags()["Patient/p"]
     assert flag["status"] == "active" and flag["code"]["text"].startswith("Severe neutropenia: ANC 300")
+
+
+def test_a_context_read_that_failed_is_read_again_until_it_succeeds(server, tmp_path):
+    """The temperature search is down when the count is graded; the fever was recorded before the count,
+    so the next run's incremental poll (what changed since its watermark) would never bring it back: the
+    patient's read around the count is kept pending and done again, and the Flag becomes febrile."""
+    fever = {"resourceType": "Observation", "id": "t1", "status": "final",
+             "meta": {"lastUpdated": "2026-01-01T00:00:00Z"},  # long before any poll's watermark
+             "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+             "subject": {"reference": "Patient/p"}, "effectiveDateTime": "2026-11-20T06:00:00Z",
+             "valueQuantity": {"value": 38.6, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}}
+    server.context["Observation"] = [fever]
+    server.counts = [anc("o1", "p", 0.3), patient("p")]
+    server.down["Observation"] = 100  # every try of this run, retries included
+    config = tmp_path / "adapter.toml"
+    config.write_text("[fhir]\nretries = 1\nretry_budget_s = 1\n")
+    assert run(tmp_path, "--config", str(config)) == 0
+    assert not server.flags()["Patient/p"]["code"]["text"].startswith("Febrile")
+    server.down["Observation"] = 0
+    assert run(tmp_path, "--config", str(config)) == 0
+    flag = server.flags()["Patient/p"]
+    assert flag["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C"), flag["code"]["text"]
+    reads = len(server.requests("Observation"))
+    assert run(tmp_path, "--config", str(config)) == 0  # the read succeeded: it is no longer pending
+    assert [q for q in server.requests("Observation")[reads:] if "_lastUpdated" not in q] == []

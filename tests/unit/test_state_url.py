@@ -78,7 +78,7 @@ def test_each_schema_has_its_own_lock_key_that_fits_a_bigint():
 
 def test_every_table_of_the_schema_is_copied_for_a_dry_run():
     assert state._TABLES == ("meta", "observations", "derive_inputs", "quarantine", "written",
-                             "write_failures", "context_facts", "runs")
+                             "write_failures", "context_facts", "context_pending", "runs")
 
 
 def test_the_kubernetes_postgresql_recipe_is_a_valid_config_without_disk_or_password():
