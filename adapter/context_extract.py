@@ -80,6 +80,10 @@ def _temperature(resource: Mapping[str, Any], base: ContextFact, mappings: Conte
     effective = extract.effective_time(resource)
     if isinstance(effective, Quarantine):
         return effective
+    if not _has_time_of_day(resource):
+        # The fever rule counts hours (24 h from the count, 60 min sustained): a date alone could put the
+        # reading anywhere in a day, inside or outside the window. Never guessed.
+        return Quarantine(Reason.NO_EFFECTIVE_TIME, "a temperature needs a time of day, not a date alone")
     quantity = resource.get("valueQuantity")
     if not isinstance(quantity, dict):
         return Quarantine(Reason.NO_VALUE, "dataAbsentReason" if "dataAbsentReason" in resource else "no valueQuantity")
@@ -98,6 +102,16 @@ def _temperature(resource: Mapping[str, Any], base: ContextFact, mappings: Conte
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, f"temperature outside {low:g}-{high:g} °C")
     recorded = f"{value:g} °F" if unit == "[degF]" else ""
     return _with(base, "temperature", effective, round(celsius, 6), recorded)
+
+
+def _has_time_of_day(resource: Mapping[str, Any]) -> bool:
+    """Does the time extract.effective_time used (the first of effective[x], then issued) carry a time?"""
+    period = resource.get("effectivePeriod")
+    for text in (resource.get("effectiveDateTime"), resource.get("effectiveInstant"),
+                 period.get("start") if isinstance(period, dict) else None, resource.get("issued")):
+        if text is not None:
+            return isinstance(text, str) and "T" in text
+    return False
 
 
 def _chemotherapy(resource: Mapping[str, Any], base: ContextFact, mappings: ContextMappings,

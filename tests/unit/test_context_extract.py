@@ -52,10 +52,19 @@ def test_temperatures_are_read_in_celsius(resource, celsius, recorded):
     (temperature(38.4, subject={"reference": "Group/g"}), Reason.NO_SUBJECT),
     (temperature(38.4, modifierExtension=[{"url": "http://example.org/x"}]), Reason.UNKNOWN_MODIFIER),
     ({**temperature(38.4), "effectiveDateTime": "2026-11"}, Reason.NO_EFFECTIVE_TIME),
+    # A date alone could lie anywhere in 24 hours: the fever rule counts hours, so it is never guessed.
+    ({**temperature(38.4), "effectiveDateTime": "2026-11-20"}, Reason.NO_EFFECTIVE_TIME),
+    ({**{k: v for k, v in temperature(38.4).items() if k != "effectiveDateTime"}, "issued": "2026-11-20"},
+     Reason.NO_EFFECTIVE_TIME),
 ])
 def test_unreadable_temperatures_are_quarantined_with_a_reason(resource, reason):
     found = fact(resource)
     assert isinstance(found, Quarantine) and found.reason is reason
+
+
+@pytest.mark.parametrize("when", ["2026-11-20T10:00:00Z", "2026-11-20T10:00+01:00", "2026-11-20T10:00:00.5-05:00"])
+def test_a_temperature_with_a_time_of_day_is_read(when):
+    assert not isinstance(fact({**temperature(38.4), "effectiveDateTime": when}), Quarantine)
 
 
 @pytest.mark.parametrize("status", ["entered-in-error", "cancelled", "preliminary"])
