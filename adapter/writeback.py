@@ -18,7 +18,7 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from adapter.clinical.assess import AssessedCount, AssessedEpisode, Assessment
-from adapter.clinical.context import Fever, days_before
+from adapter.clinical.context import Fever, days_before, shown_celsius
 from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
 from adapter.model import Grade
@@ -451,7 +451,7 @@ def _fever_text(fever: Fever) -> str:
         return f"temperature ≥ {fever.threshold:.1f} °C from {_minute(first.time)} to {_minute(last.time)}"
     reading = fever.readings[0]
     recorded = f" ({reading.recorded} as recorded)" if reading.recorded else ""
-    return f"temperature {reading.celsius:.1f} °C{recorded} at {_minute(reading.time)}"
+    return f"temperature {shown_celsius(reading.celsius)} °C{recorded} at {_minute(reading.time)}"
 
 
 def _minute(moment: datetime) -> str:

@@ -317,7 +317,7 @@ def _fever_text(fever: Fever) -> str:
                 f"({len(fever.readings)} readings)")
     reading = fever.readings[0]
     recorded = f" ({reading.recorded} as recorded)" if reading.recorded else ""
-    return f"temperature {reading.celsius:.1f} °C{recorded} at {_when(reading.time)}"
+    return f"temperature {context.shown_celsius(reading.celsius)} °C{recorded} at {_when(reading.time)}"
 
 
 def _context_lines(assessment: Assessment) -> list[str]:
