@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,11 @@ def _codes(observation: dict[str, Any]) -> set[tuple[str, str]]:
     return {(c.get("system"), c.get("code")) for c in codings or [] if isinstance(c, dict)}
 
 
-def _updated(resource: dict[str, Any]) -> str:
+def _updated(resource: dict[str, Any]) -> datetime:
+    """meta.lastUpdated as an instant (offsets differ between notifications: text would misorder them);
+    the earliest possible when absent or unreadable."""
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-    return str(meta.get("lastUpdated") or "")
+    return extract.parse_datetime(meta.get("lastUpdated")) or datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, Any]:

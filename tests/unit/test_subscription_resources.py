@@ -91,3 +91,14 @@ def test_a_failing_batch_does_not_stop_the_worker():
     batcher.add("second")
     batcher.stop()
     assert handled == [["first"], ["second"]]
+
+
+def test_a_burst_naming_one_observation_twice_keeps_the_later_version_whatever_the_offsets():
+    """Notifications may carry lastUpdated with different offsets: 10:30+02:00 is 08:30Z, earlier than
+    09:00Z, though it sorts after it as text."""
+    from adapter import realtime
+
+    earlier = {"resourceType": "Observation", "id": "o1", "meta": {"lastUpdated": "2026-11-26T10:30:00+02:00"}}
+    later = {"resourceType": "Observation", "id": "o1", "meta": {"lastUpdated": "2026-11-26T09:00:00Z"}}
+    assert realtime._updated(later) > realtime._updated(earlier)
+    assert realtime._updated({"id": "o1"}) < realtime._updated(earlier)  # no lastUpdated: never preferred
