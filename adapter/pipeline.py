@@ -479,7 +479,9 @@ class Run:
             bundle = self.client.get("Flag", params)
         except PermanentHttpError:
             return True
-        entries = bundle.get("entry") if bundle.get("resourceType") == "Bundle" else None
+        if bundle.get("resourceType") != "Bundle":
+            return True
+        entries = bundle.get("entry", [])  # an empty searchset may leave `entry` out
         return not isinstance(entries, list) or bool(entries)
 
     def _plan(self, patient_id: str) -> list[writeback.Planned]:

@@ -3,6 +3,7 @@ the server holds no Flag of ours, and stays a lookup per batch of patients when 
 
 from __future__ import annotations
 
+import pytest
 import responses
 
 from adapter.cli import main
@@ -18,9 +19,12 @@ def flag_gets(mock) -> list[str]:
     return [c.request.url for c in mock.calls if c.request.method == "GET" and "/Flag" in c.request.url]
 
 
-def run(mock, tmp_path, flags_on_server: list[dict]) -> list[str]:
+def run(mock, tmp_path, flags_on_server: list[dict], entry_left_out: bool = False) -> list[str]:
     mock.get(f"{BASE}/metadata", json=CAPABILITY)
-    mock.get(FLAG_SEARCH, json={**EMPTY_SEARCH, "entry": [{"resource": f} for f in flags_on_server]})
+    answer = {**EMPTY_SEARCH, "entry": [{"resource": f} for f in flags_on_server]}
+    if entry_left_out:
+        del answer["entry"]
+    mock.get(FLAG_SEARCH, json=answer)
     mock.add_callback(responses.POST, BASE, callback=transaction_echo)
     # 120 newly flagged patients over two pages: without the check, three lookups of 50 patients.
     mock.get(f"{BASE}/Observation", json=page(*(anc(f"o{n}", f"p{n}", 0.4) for n in range(60)),
@@ -32,9 +36,10 @@ def run(mock, tmp_path, flags_on_server: list[dict]) -> list[str]:
     return flag_gets(mock)
 
 
-def test_no_flag_of_ours_on_the_server_means_one_check_and_no_lookup(tmp_path):
+@pytest.mark.parametrize("entry_left_out", [False, True])  # an empty searchset may have no `entry`
+def test_no_flag_of_ours_on_the_server_means_one_check_and_no_lookup(tmp_path, entry_left_out):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        gets = run(mock, tmp_path, [])
+        gets = run(mock, tmp_path, [], entry_left_out)
     assert len(gets) == 1, gets
     assert "_tag=" in gets[0] and "subject=" not in gets[0]
 
