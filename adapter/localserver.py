@@ -29,6 +29,14 @@ _START = "from sekmet.cli import app; app()"
 def sekmet(database: str = ":memory:", startup_timeout_s: float = 60.0, settings: str = "") -> Iterator[str]:
     """Start Sekmet on 127.0.0.1 and yield its base URL; stop it on exit. `settings`: more YAML lines for
     its settings file (e.g. `subscriptions: {notify_method: post-endpoint}`)."""
+    with sekmet_process(database, startup_timeout_s, settings) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def sekmet_process(database: str = ":memory:", startup_timeout_s: float = 60.0,
+                   settings: str = "") -> Iterator[tuple[str, subprocess.Popen]]:
+    """As sekmet(), also yielding the server's process (the benchmark reads the server's own CPU)."""
     try:
         import sekmet  # noqa: F401
     except ImportError:
@@ -54,7 +62,7 @@ def sekmet(database: str = ":memory:", startup_timeout_s: float = 60.0, settings
         )
         try:
             _wait_ready(base_url, process, startup_timeout_s, Path(workdir, "sekmet.log"))
-            yield base_url
+            yield base_url, process
         finally:
             process.terminate()
             try:

@@ -213,6 +213,8 @@ class Run:
         self._reread_from: datetime | None = None  # the result set moved under us: read again from here
         self.rules = assess.Rules.from_config(config, mappings)
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
+        self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
+        self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
         self._undeclared_said: set[str] = set()
 
@@ -470,8 +472,15 @@ class Run:
         self._graded_at = {}
         groups: set[tuple[str, datetime]] = set()
         with self.state.transaction():
+            observations = list(observations)
+            # The page's ledger rows in one statement, not one each (each is used once: an Observation
+            # twice on a page is looked up again, after its first version was recorded).
+            ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
+            found = self.state.ledgers(ids)
+            self._priors = {i: found.get(i) for i in ids}
             for resource in observations:
                 touched |= self._record(resource, retry, now, groups)
+            self._priors = {}
             for observation_id, patients in sorted((deleted or {}).items()):
                 touched |= self._record_deleted(observation_id, patients, now, groups)
             for patient_id, effective in sorted(groups):
@@ -503,6 +512,10 @@ class Run:
         if "Flag" not in self.output.resources:
             return
         unknown = [p for p in patient_ids if not self.state.written(p, "Flag")]
+        if unknown and self._flags_of_ours is None:
+            self._flags_of_ours = self._any_flag_of_ours()
+        if not self._flags_of_ours:
+            return  # the server had no Flag of ours when this run began to need one: nothing to adopt
         for start in range(0, len(unknown), _ADOPT_BATCH):
             batch = unknown[start:start + _ADOPT_BATCH]
             params = {"subject": ",".join(f"Patient/{p}" for p in batch), "_count": 1000,
@@ -518,6 +531,21 @@ class Run:
             for written in writeback.adoptable(found, self.output):
                 self.state.record_written(written, _iso(self.now()))
                 self.summary.adopted += 1
+
+    def _any_flag_of_ours(self) -> bool:
+        """One request per run instead of one per 50 newly flagged patients: does the server hold any Flag
+        carrying our tag? If not, no patient can have one this state does not know, for the rest of the run
+        (the Flags this run writes are recorded as the server accepts them). A first run, and a backfill
+        onto a server we never wrote to, need no lookups. Anything but a clear "none" means: look."""
+        params = {"_tag": f"{self.output.system_base}/tag|anc-adapter", "_count": 1, "_elements": "id"}
+        try:
+            bundle = self.client.get("Flag", params)
+        except PermanentHttpError:
+            return True
+        if bundle.get("resourceType") != "Bundle":
+            return True
+        entries = bundle.get("entry", [])  # an empty searchset may leave `entry` out
+        return not isinstance(entries, list) or bool(entries)
 
     def _plan(self, patient_id: str) -> list[writeback.Planned]:
         previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
@@ -589,7 +617,8 @@ class Run:
         if not retry:
             self.summary.observations_read += 1
             self._note_pass(seen)
-        prior = self.state.ledger(seen.observation_id)
+        prior = self._priors.pop(seen.observation_id) if seen.observation_id in self._priors \
+            else self.state.ledger(seen.observation_id)
         if not retry and prior is not None and prior.covers(seen.version, seen.last_updated):
             self.summary.already_processed += 1
             return set()

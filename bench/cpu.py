@@ -34,6 +34,8 @@ class NoClient:
                                                        "authoredon", "_lastUpdated")]}
                 for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure",
                              "Condition")]}]}
+        if path == "Flag":  # the once-per-run check for Flags of ours: none
+            return {"resourceType": "Bundle", "type": "searchset", "entry": []}
         raise AssertionError("no HTTP in the CPU benchmark")
 
     def search(self, *args, **kwargs):
