@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, Serving
 from urllib.parse import urlsplit
 
 DROP = "drop"  # close the connection without a response
@@ -106,7 +106,7 @@ class _Plan:
             return Fault(kind, after_forward=applied)
 
 
-class FaultProxy:
+class FaultProxy(Serving):
     """The running proxy. `base_url` replaces the upstream base; `counts` says what was injected."""
 
     def __init__(self, upstream_base_url: str, rate: float = 0.2, seed: int = 1,
@@ -141,15 +141,11 @@ class FaultProxy:
         self.base_url = f"http://127.0.0.1:{port}{upstream.path}"
         self._upstream_origin = f"http://{upstream.netloc}".encode()
         self._proxy_origin = f"http://127.0.0.1:{port}".encode()
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fault-proxy", daemon=True)
+        self._serve_in_background("fault-proxy")
 
     @property
     def injected(self) -> int:
         return sum(n for kind, n in self.counts.items() if kind != LOST_WRITE)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def hold(self, seconds: float, after: int = 0, after_method: str | None = None) -> None:
         """Once `after` more requests have passed — or, with `after_method`, once a request with that
@@ -161,11 +157,8 @@ class FaultProxy:
             self._hold_after_method = after_method
 
     def stop(self) -> None:
-        self._released.set()
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._released.set()  # held requests go first, or shutdown would wait for them
+        super().stop()
 
     # -- used by the handler -------------------------------------------------------------------
     def _wait_if_held(self, method: str) -> None:

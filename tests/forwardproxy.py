@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, Serving
 
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 # Hop-by-hop headers, and those this server writes itself.
@@ -24,7 +24,7 @@ _NOT_PASSED = frozenset({
 })
 
 
-class ForwardProxy:
+class ForwardProxy(Serving):
     def __init__(self) -> None:
         self.forwarded: list[tuple[str, str]] = []  # (method, absolute URI) of each plain-HTTP request
         self.tunnels: list[str] = []  # host:port of each CONNECT
@@ -33,23 +33,12 @@ class ForwardProxy:
         self._lock = threading.Lock()
         self._server = LoopbackServer(("127.0.0.1", 0), _Handler, self)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="forward-proxy", daemon=True)
+        self._serve_in_background("forward-proxy")
 
     @property
     def seen(self) -> int:
         with self._lock:
             return len(self.forwarded) + len(self.tunnels) + len(self.refused)
-
-    def __enter__(self) -> ForwardProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
     def _note(self, kind: list, value: Any) -> None:
         with self._lock:

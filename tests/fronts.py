@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, Serving
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,7 +59,7 @@ def bearer_gate(token: str) -> Gate:
     return gate
 
 
-class Front:
+class Front(Serving):
     def __init__(self, upstream_base_url: str, tls: ssl.SSLContext | None = None, gate: Gate | None = None,
                  documents: dict[str, dict] | None = None):
         upstream = urlsplit(upstream_base_url.rstrip("/"))
@@ -79,18 +79,7 @@ class Front:
         self.base_url = f"{scheme}://127.0.0.1:{port}{upstream.path}"
         self._upstream_origin = f"http://{upstream.netloc}".encode()
         self._front_origin = f"{scheme}://127.0.0.1:{port}".encode()
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="front", daemon=True)
-
-    def __enter__(self) -> Front:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._serve_in_background("front")
 
     def _note(self, status: int, path: str) -> None:
         with self._lock:

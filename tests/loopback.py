@@ -38,3 +38,32 @@ class LoopbackServer(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class Serving:
+    """The life of a test server object that owns a LoopbackServer in `self._server`: served on a daemon
+    thread from `start()` (or entering a with-block) until `stop()`, which also lets go of idle
+    keep-alive connections."""
+
+    _server: LoopbackServer
+    _thread: threading.Thread
+
+    def _serve_in_background(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.close_connections()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Any:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
