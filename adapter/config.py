@@ -298,11 +298,6 @@ def _validated(config: Config) -> Config:
         raise bad("context.chemotherapy_lookback", "must be a positive duration such as 'P42D'")
     _validated_state(config.state)
     _validated_serve(config.serve)
-    if config.serve.subscriptions and config.state.url:
-        # Notified batches lock and ledger a SQLite file (adapter/realtime.py): with the state in
-        # PostgreSQL they would use a second, empty state and the cron pass would not see their ledger.
-        raise ConfigError("serve.subscriptions: needs a SQLite state (state.path); the PostgreSQL state "
-                          "(state.url) is not supported in subscription mode")
     return config
 
 

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -229,7 +228,7 @@ class Receiver:
 
     def _pipeline(self, observations: list[dict[str, Any]],
                   temperatures: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-        path = Path(self.config.state.path)
+        path = state_module.where(self.config.state)  # a SQLite file or a postgresql:// URL
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:

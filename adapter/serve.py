@@ -579,10 +579,11 @@ def serve(config: Config, mappings: Mappings) -> int:
 
 def _start_subscriptions(config: Config, mappings: Mappings, service: CdsService) -> Any:
     from adapter import cli, realtime
+    from adapter import state as state_module
     from adapter.state import State
 
     client = cli._client(config)
-    state = State.open(Path(config.state.path))
+    state = State.open(state_module.where(config.state))
     try:
         # The write modes are pinned in the state at first use, exactly as `run` does.
         output = cli._output(config, client, state)

@@ -36,18 +36,19 @@ def _free_port() -> int:
 
 
 class Setup:
-    def __init__(self, base_url: str, directory: Path):
+    def __init__(self, base_url: str, directory: Path, state_url: str = ""):
         self.base_url = base_url
         self.directory = directory
-        self.state_path = directory / "state.sqlite3"
+        self.state_path = state_url or directory / "state.sqlite3"  # a SQLite file, or PostgreSQL
         self.config_path = directory / "adapter.toml"
         self.port = _free_port()  # fixed, so a restart keeps the endpoint URL
+        where = f'url = "{state_url}"' if state_url else f'path = "{self.state_path}"'
         self.config_path.write_text(f"""
 [fhir]
 base_url = "{base_url}"
 
 [state]
-path = "{self.state_path}"
+{where}
 
 [serve]
 subscriptions = true
@@ -282,3 +283,21 @@ def test_put_resource_delivery_and_a_subscription_in_error_is_revived(tmp_path):
             setup.put(anc("rt-put-1", "rt-put", 0.3, effective=RECENT))
             setup.wait_for_flag("rt-put")
             assert any(e["observations"] == 1 for e in events(process, "notification"))
+
+
+def test_with_the_state_in_postgresql_notified_counts_share_the_ledger_with_cron(tmp_path, pg_url):
+    """Pods that keep no disk: `serve` and the cron job share one PostgreSQL state — a notified count is
+    ledgered there (under the advisory lock), so the cron run after it writes nothing."""
+    with sekmet(settings="subscriptions: {notify_method: post-endpoint, retries: 2}\n") as base_url:
+        setup = Setup(base_url, tmp_path, state_url=pg_url)
+        with setup.serve():
+            setup.load(patient("pg-severe"))
+            setup.put(anc("pg-severe-1", "pg-severe", 0.3, effective=RECENT))
+            flags = setup.wait_for_flag("pg-severe")
+            deadline = time.monotonic() + WAIT_S
+            while setup.ledger("pg-severe-1") is None and time.monotonic() < deadline:
+                time.sleep(0.1)  # the batch commits its state a moment after the Flag is on the server
+            assert setup.ledger("pg-severe-1") is not None
+        code, summary = run_once(config_module.load(setup.config_path), pg_url, "cron-after-notification")
+        assert code == 0 and (summary.created, summary.updated) == (0, 0)
+        assert setup.flags("pg-severe") == flags and len(flags) == 1

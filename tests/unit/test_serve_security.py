@@ -185,9 +185,6 @@ def _load(tmp_path: Path, text: str):
     # Subscription mode exists now (docs/real-time.md): the key is known, and typed.
     ('[serve]\nsubscriptions = "yes"\n', "serve.subscriptions"),
     ('[serve]\nsubscriptions = true\nhost = "0.0.0.0"\n', "serve.public_url: required with serve.subscriptions"),
-    # Subscription mode locks and ledgers a SQLite file: with a PostgreSQL state it would keep a second one.
-    ('[state]\nurl = "postgresql://adapter@db.test/anc"\n[serve]\nsubscriptions = true\n',
-     "serve.subscriptions: needs a SQLite state"),
 ])
 def test_serve_config_errors_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as caught:
