@@ -490,10 +490,11 @@ class Run:
             # leaves the facts unread, so the rerun finds them new and plans the same writes again.
             if context is not None:
                 touched |= self._record_context(context, now)
-            if self._graded_at and self._context_wanted():
-                found = self._read_context(self._graded_at)
+            around = self._context_needed()
+            if around:
+                found = self._read_context(around)
                 if not found.complete:  # read again next run, around the same counts (_poll_context)
-                    self.state.add_context_pending(self._graded_at)
+                    self.state.add_context_pending(around)
                 touched |= self._record_context(found, now)
             touched.discard("")
             crashpoints.reach("classified")
@@ -712,6 +713,17 @@ class Run:
         self._graded(patient_id, result, effective)
         self._row(reading, result)
         return True
+
+    def _context_needed(self) -> dict[str, datetime]:
+        """The patients graded in this batch whose context can change what we write, each with its earliest
+        count: one with an abnormal count, or with something of ours already written, or every one when
+        normal counts get a RiskAssessment too. A patient with only normal counts and nothing written gets
+        no write (`_plan`), and a later abnormal count reads its own context around itself."""
+        if not self._graded_at or not self._context_wanted():
+            return {}
+        return {patient_id: effective for patient_id, effective in self._graded_at.items()
+                if patient_id in self._abnormal or self.output.risk_assessment_for_normal
+                or any(self.state.written(patient_id, kind) for kind in self.output.resources)}
 
     def _graded(self, patient_id: str, result: Classification, effective: datetime) -> None:
         self.summary.grades[result.grade.value] += 1

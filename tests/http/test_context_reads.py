@@ -216,3 +216,19 @@ def test_a_context_read_that_failed_is_read_again_until_it_succeeds(server, tmp_
     reads = len(server.requests("Observation"))
     assert run(tmp_path, "--config", str(config)) == 0  # the read succeeded: it is no longer pending
     assert [q for q in server.requests("Observation")[reads:] if "_lastUpdated" not in q] == []
+
+
+def test_context_is_read_only_for_patients_whose_writes_it_can_change(server, tmp_path):
+    """A patient with only normal counts and nothing of ours written gets no write, so its context is not
+    read; a normal count that closes a live Flag, and every abnormal count, still are."""
+    server.counts = [anc("o-sick", "sick", 0.3), anc("o-well", "well", 3.0), patient("sick"), patient("well")]
+    assert run(tmp_path) == 0
+    asked = {s for q in server.requests("Observation") if "_lastUpdated" not in q
+             for s in q["subject"][0].split(",")}
+    assert asked == {"Patient/sick"}
+    before = len(server.requests("Observation"))
+    server.counts = [anc("o-sick-2", "sick", 3.0, effective="2026-11-21T08:00:00Z"), patient("sick")]
+    assert run(tmp_path) == 0
+    around = [q for q in server.requests("Observation")[before:] if "_lastUpdated" not in q]
+    assert [q["subject"] for q in around] == [["Patient/sick"]]  # its Flag closes: its context still counts
+    assert server.flags()["Patient/sick"]["status"] == "inactive"
