@@ -16,7 +16,6 @@ which notifications never move."""
 from __future__ import annotations
 
 import hmac
-import re
 import logging
 import threading
 import time
@@ -48,7 +47,6 @@ MAX_BATCH = 500  # Observations per batch, whichever comes first
 MAX_QUEUED = 20_000  # beyond this, notifications are left to the cron pass (memory stays bounded)
 LOCK_WAIT_S = 5.0  # how long a batch waits for a cron run to release the state
 _FETCH_CHUNK = 100  # ids per `_id` search (URL length)
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -198,32 +196,28 @@ class Receiver:
                 if known is None or _updated(resource) >= _updated(known):
                     given[resource["id"]] = resource
             wanted += item.notification.observation_ids
-        missing = sorted(set(wanted) - set(given))
-        for start in range(0, len(missing), _FETCH_CHUNK):
-            chunk = missing[start:start + _FETCH_CHUNK]
-            for page in self.client.search("Observation", {"_id": ",".join(chunk), "_count": len(chunk)}):
-                for entry in page.get("entry") or []:
-                    resource = entry.get("resource") if isinstance(entry, dict) else None
-                    if isinstance(resource, dict) and resource.get("resourceType") == "Observation" \
-                            and resource.get("id") in chunk:
-                        given[resource["id"]] = resource
+        given.update(self._by_id("Observation", sorted(set(wanted) - set(given))))
         return list(given.values())
 
     def _patients(self, observations: list[dict[str, Any]]) -> dict[str, Patient]:
         """The batch's Patients in one search (a pass gets them _included with each page); any the search
         does not return are read one by one by the pipeline, as in a pass."""
-        wanted = sorted({ref.removeprefix("Patient/") for o in observations
-                         if isinstance(o.get("subject"), dict) and isinstance(ref := o["subject"].get("reference"), str)
-                         and ref.startswith("Patient/") and _FHIR_ID.match(ref.removeprefix("Patient/"))})
-        found: dict[str, Patient] = {}
-        for start in range(0, len(wanted), _FETCH_CHUNK):
-            chunk = wanted[start:start + _FETCH_CHUNK]
-            for page in self.client.search("Patient", {"_id": ",".join(chunk), "_count": len(chunk)}):
+        wanted = sorted({patient_id for o in observations if (patient_id := extract._patient_id(o.get("subject")))})
+        return {patient_id: patient for patient_id, resource in self._by_id("Patient", wanted).items()
+                if (patient := extract.patient(resource))}
+
+    def _by_id(self, resource_type: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """These resources by id, in `_id` searches of at most _FETCH_CHUNK ids; only what was asked for."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), _FETCH_CHUNK):
+            chunk = set(ids[start:start + _FETCH_CHUNK])
+            params = {"_id": ",".join(sorted(chunk)), "_count": len(chunk)}
+            for page in self.client.search(resource_type, params):
                 for entry in page.get("entry") or []:
                     resource = entry.get("resource") if isinstance(entry, dict) else None
-                    if isinstance(resource, dict) and resource.get("resourceType") == "Patient" \
-                            and (patient := extract.patient(resource)) and patient.patient_id in chunk:
-                        found[patient.patient_id] = patient
+                    if isinstance(resource, dict) and resource.get("resourceType") == resource_type \
+                            and resource.get("id") in chunk:
+                        found[resource["id"]] = resource
         return found
 
     def _pipeline(self, observations: list[dict[str, Any]],

@@ -340,7 +340,7 @@ class State:
         to read afterwards. The live file is only read; an earlier review at `path` is replaced, so a
         review always starts from the live state as it is now. `path` None: in memory, kept nowhere."""
         if path is None:
-            connection = sqlite3.connect(":memory:", isolation_level=None)
+            review = self.scratch_copy()
         else:
             live = None if self.postgres else self.db.execute("PRAGMA database_list").fetchone()["file"]
             if live and Path(live).resolve() == path.resolve():
@@ -353,7 +353,7 @@ class State:
                 connection = sqlite3.connect(path, isolation_level=None, timeout=30)
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigError(f"--review-state: cannot create {path}: {exc}") from None
-        review = self._copy_into(connection)
+            review = self._copy_into(connection)
         review.db.executescript(_REVIEW_SCHEMA)
         with review.transaction():
             for key, value in (("review_run_id", run_id), ("review_started", started),
