@@ -10,21 +10,9 @@ from responses import matchers
 from adapter.fhir import auth
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.fhir.throttle import TokenBucket
+from fakeclock import Clock
 
 BASE = "https://fhir.example.org/r4"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def limited_client(clock: Clock, rate: float = 2.0) -> FhirClient:
