@@ -5,18 +5,16 @@ second one; a withdrawn chemotherapy record takes back what it caused; a rerun w
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from adapter import crashpoints
 from adapter.cli import main
 from builders import anc, patient
 from context_builders import at, atc, medication_administration, temperature
+from test_crash_safety import run_subprocess as run  # the CLI as a subprocess, killed at a crash point
 
 pytestmark = pytest.mark.integration
 FEBRILE = ("http://snomed.info/sct", "409089005")
@@ -29,14 +27,6 @@ def config_file(tmp_path: Path, base_url: str) -> Path:
                     f'[output]\nresources = ["Flag", "RiskAssessment"]\n'
                     f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n')
     return path
-
-
-def run(config: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != crashpoints.ENV}
-    if crash_at:
-        env[crashpoints.ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "adapter", "run", "--config", str(config)],
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def summary(result: subprocess.CompletedProcess) -> dict:
