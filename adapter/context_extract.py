@@ -35,14 +35,14 @@ def fact(resource: Mapping[str, Any], mappings: ContextMappings, statuses: tuple
     """None when the resource is not one we can identify at all (no type we read, no usable id).
     `medications`: Medication resources by id, for a medicationReference."""
     kind = resource.get("resourceType")
-    if kind not in TYPES or not extract._is_id(resource.get("id")):
+    if kind not in TYPES or not extract.is_fhir_id(resource.get("id")):
         return None
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     status = resource.get("status") if isinstance(resource.get("status"), str) else ""
     base = ContextFact(
         resource_type=str(kind), resource_id=str(resource["id"]),
         version=str(meta.get("versionId") or meta.get("lastUpdated") or "0"),
-        patient_id=extract._patient_id(resource.get("subject")) or "", kind="none", status=status,
+        patient_id=extract.patient_reference_id(resource.get("subject")) or "", kind="none", status=status,
         last_updated=str(meta.get("lastUpdated") or ""),
     )
     if kind == "Observation":
@@ -70,9 +70,9 @@ def _temperature(resource: Mapping[str, Any], base: ContextFact, mappings: Conte
                  statuses: tuple[str, ...]) -> ContextFact | Quarantine:
     if base.status in extract.WITHDRAWN_STATUSES or base.status not in statuses:
         return base
-    if not extract._has_code(resource, set(mappings.temperature_codes)):
+    if not extract.has_code(resource, set(mappings.temperature_codes)):
         return base
-    modified = extract._modifier_urls(resource) + extract._modifier_urls(resource.get("valueQuantity"))
+    modified = extract.modifier_urls(resource) + extract.modifier_urls(resource.get("valueQuantity"))
     if modified:
         return Quarantine(Reason.UNKNOWN_MODIFIER, "modifierExtension " + ", ".join(sorted(set(modified))))
     if not base.patient_id:
@@ -134,7 +134,7 @@ def _chemotherapy(resource: Mapping[str, Any], base: ContextFact, mappings: Cont
 
 
 def _condition(resource: Mapping[str, Any], base: ContextFact, mappings: ContextMappings) -> ContextFact:
-    if not mappings.duffy_null_codes or not extract._has_code(resource, set(mappings.duffy_null_codes)):
+    if not mappings.duffy_null_codes or not extract.has_code(resource, set(mappings.duffy_null_codes)):
         return base
     clinical = _codes(resource.get("clinicalStatus"))
     verification = _codes(resource.get("verificationStatus"))

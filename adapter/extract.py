@@ -43,7 +43,7 @@ def observation(
 ) -> Extracted | None:
     """None when the resource is not an identifiable Observation at all (counted as malformed).
     `input_kinds` (derived ANC on) also accepts the inputs of a derived ANC."""
-    if resource.get("resourceType") != "Observation" or not _is_id(resource.get("id")):
+    if resource.get("resourceType") != "Observation" or not is_fhir_id(resource.get("id")):
         return None
     # Raw JSON is checked with isinstance(..., dict): an ABC check (Mapping) costs ~10x more per field.
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
@@ -53,11 +53,11 @@ def observation(
         version=str(meta.get("versionId") or meta.get("lastUpdated") or "0"),
         status=status,
         last_updated=str(meta.get("lastUpdated") or ""),
-        patient_id=_patient_id(resource.get("subject")) or "",
+        patient_id=patient_reference_id(resource.get("subject")) or "",
     )
     if status in WITHDRAWN_STATUSES or status not in statuses:
         return Extracted(seen, None)
-    if _has_code(resource, set(mappings.anc_codes)):
+    if has_code(resource, set(mappings.anc_codes)):
         return Extracted(seen, _reading(resource, seen, mappings))
     kind = _input_kind(resource, input_kinds or {})
     if kind is not None:
@@ -67,7 +67,7 @@ def observation(
 
 def _usable(resource: Mapping[str, Any], seen: Seen) -> datetime | Quarantine:
     """Checks every Observation we act on must pass; its effective time when it does."""
-    modified = _modifier_urls(resource) + _modifier_urls(resource.get("valueQuantity"))
+    modified = modifier_urls(resource) + modifier_urls(resource.get("valueQuantity"))
     if modified:
         # FHIR: a reader that does not understand a modifierExtension must not act on the resource as
         # if it were not there. We understand none.
@@ -171,7 +171,7 @@ def parse_datetime(text: Any) -> datetime | None:
 
 
 def patient(resource: Mapping[str, Any]) -> Patient | None:
-    if resource.get("resourceType") != "Patient" or not _is_id(resource.get("id")):
+    if resource.get("resourceType") != "Patient" or not is_fhir_id(resource.get("id")):
         return None
     earliest, latest = _birth_range(resource.get("birthDate"))
     return Patient(patient_id=resource["id"], born_earliest=earliest, born_latest=latest)
@@ -206,7 +206,8 @@ def _codings(resource: Mapping[str, Any]) -> list[Coding]:
             if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)]
 
 
-def _has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:
+def has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:
+    """Does `code.coding` hold one of these (system, code) pairs? (Counts, temperatures, markers.)"""
     return any(coding in wanted for coding in _codings(resource))
 
 
@@ -228,14 +229,17 @@ def _reference_low(resource: Mapping[str, Any], mappings: Mappings) -> float | N
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
 
-def _patient_id(subject: Any) -> str | None:
+def patient_reference_id(subject: Any) -> str | None:
+    """The Patient id a reference names (relative, absolute or versioned); None for anything else."""
     if not isinstance(subject, dict) or not isinstance(subject.get("reference"), str):
         return None
     match = _PATIENT_REF.search(subject["reference"])
     return match["id"] if match else None
 
 
-def _modifier_urls(element: Any) -> list[str]:
+def modifier_urls(element: Any) -> list[str]:
+    """The urls of an element's modifierExtensions ("?" where unreadable): any at all means we do not
+    understand the resource well enough to act on it."""
     extensions = element.get("modifierExtension") if isinstance(element, dict) else None
     if not extensions:
         return []
@@ -244,7 +248,8 @@ def _modifier_urls(element: Any) -> list[str]:
     return [str(e.get("url", "?")) if isinstance(e, dict) else "?" for e in extensions]
 
 
-def _is_id(value: Any) -> bool:
+def is_fhir_id(value: Any) -> bool:
+    """A FHIR resource id: 1-64 of [A-Za-z0-9-.]."""
     return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None
 
 
@@ -267,7 +272,7 @@ def kept_for_retry(resource: Mapping[str, Any]) -> dict[str, Any]:
     subject = resource.get("subject")
     if isinstance(subject, dict):
         # Only a Patient reference is read; anything else there is text of unknown content.
-        kept["subject"] = {"reference": subject["reference"]} if _patient_id(subject) else {}
+        kept["subject"] = {"reference": subject["reference"]} if patient_reference_id(subject) else {}
     code = resource.get("code")
     if isinstance(code, dict):
         kept["code"] = _codes_only(code)

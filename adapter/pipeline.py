@@ -458,8 +458,8 @@ class Run:
             self.summary.quarantine_retried = len(resources)
             # Temperatures are context, not counts: they go back through the context path.
             codes = set(self.mappings.context.temperature_codes)
-            temperatures = [r for r in resources if extract._has_code(r, codes)]
-            counts = [r for r in resources if not extract._has_code(r, codes)]
+            temperatures = [r for r in resources if extract.has_code(r, codes)]
+            counts = [r for r in resources if not extract.has_code(r, codes)]
             self._process(counts, retry=True,
                           context=context_source.Found(resources=temperatures) if temperatures else None)
 

@@ -202,7 +202,7 @@ class Receiver:
     def _patients(self, observations: list[dict[str, Any]]) -> dict[str, Patient]:
         """The batch's Patients in one search (a pass gets them _included with each page); any the search
         does not return are read one by one by the pipeline, as in a pass."""
-        wanted = sorted({patient_id for o in observations if (patient_id := extract._patient_id(o.get("subject")))})
+        wanted = sorted({patient_id for o in observations if (patient_id := extract.patient_reference_id(o.get("subject")))})
         return {patient_id: patient for patient_id, resource in self._by_id("Patient", wanted).items()
                 if (patient := extract.patient(resource))}
 

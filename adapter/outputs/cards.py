@@ -247,7 +247,7 @@ def _context_facts(records: PatientRecords, rules: Rules) -> tuple[list[ContextF
             continue
         fact = context_extract.fact(resource, rules.mappings.context, rules.statuses, medications)
         if isinstance(fact, Quarantine):
-            if extract._patient_id(resource.get("subject")) == records.patient_id:
+            if extract.patient_reference_id(resource.get("subject")) == records.patient_id:
                 unread.append(fact.reason.value)
         elif fact is not None and fact.patient_id == records.patient_id and fact.kind != "none":
             facts.setdefault((fact.resource_type, fact.resource_id), fact)
