@@ -236,7 +236,7 @@ class Run:
             if not window.backfill:
                 self._withdraw_deleted()
                 self._poll_context(self._pass_since)
-            stopped_early = self._read(params, started)
+            stopped_early = self._read(source.pages(self.client, params), started)
         except SearchTruncated as exc:
             log.warning("the search stopped early; the watermark stays", extra={"event": "search-truncated",
                                                                                  "error": str(exc)})
@@ -256,10 +256,11 @@ class Run:
         self.summary.duration_s = time.monotonic() - started
         return self.summary
 
-    def _read(self, params: dict[str, Any], started: float) -> bool:
-        """Process every page; True when a stop or --max-duration ended it first. The checks come after a
-        page's state committed (or before any of it was processed): the safe points."""
-        for page in source.pages(self.client, params):
+    def _read(self, pages: Iterable[source.Page], started: float) -> bool:
+        """Process every page (of a search, or of a Bulk Data export); True when a stop or --max-duration
+        ended it first. The checks come after a page's state committed (or before any of it was
+        processed): the safe points."""
+        for page in pages:
             if self._stop_requested():
                 return True
             self.summary.pages += 1
@@ -377,29 +378,15 @@ class Run:
         self._run_started = self.now()
         self._pass_since = self._run_since = self._run_started
         self.state.start_pass()
-        self.summary.complete = True
+        stopped_early = False
         try:
             self._retry_quarantine()
             self._retry_write_failures()
-            for page in pages:
-                if self._stop_requested():
-                    break
-                self.summary.pages += 1
-                self.patients.add(page.patients)
-                self.summary.malformed += page.malformed
-                self._process(page.observations, retry=False)
-                if self.on_page:
-                    self.on_page(self.summary, page.total)
-                if self._stop_requested():
-                    break
-                if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
-                    log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
-                    self.summary.complete = False
-                    break
+            stopped_early = self._read(pages, started)
         except Stopped:
             self.summary.stopped = True  # a wait on the server was given up; that page rolled back
+        self.summary.complete = not stopped_early and not self.summary.stopped
         if self.summary.stopped:
-            self.summary.complete = False
             log.warning("stopped at a safe point", extra={
                 "event": "stopped", "signal": getattr(self.stop, "signal_name", None)})
         self.summary.watermark = self.state.watermark()
