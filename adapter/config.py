@@ -61,6 +61,7 @@ class PollConfig:
     lookback_first_run: str = "P7D"
     overlap: str = "PT5M"
     statuses: tuple[str, ...] = ("final", "amended", "corrected")
+    batch_observations: int = 0  # 0: page by page, joining pages that share a patient
 
     @property
     def lookback(self) -> timedelta:
@@ -292,6 +293,8 @@ def _validated(config: Config) -> Config:
         raise bad("output.system_base", "must be an absolute http(s) URL")
     if not config.poll.statuses:
         raise bad("poll.statuses", "must not be empty")
+    if not 0 <= config.poll.batch_observations <= 1_000_000:
+        raise bad("poll.batch_observations", "must be between 0 (page by page) and 1000000")
     config.poll.lookback  # noqa: B018 - parses, raising ConfigError naming the key
     config.poll.overlap_delta  # noqa: B018
     if config.context.chemotherapy_lookback_delta <= timedelta(0):

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ from adapter.clinical import assess, classify, derive
 from adapter.config import Config
 from adapter.errors import FhirError, PermanentHttpError, SearchTruncated, Stopped
 from adapter.extract import WITHDRAWN_STATUSES
-from adapter.fhir.client import FhirClient
+from adapter.fhir.client import FhirClient, in_background
 from adapter.mappings import Mappings
 from adapter.model import Classification, DeriveInput, Quarantine, Reading
 from adapter.state import DELETED, ResumePoint, State, Written
@@ -40,6 +40,8 @@ _ADOPT_BATCH = 50  # patients per Flag lookup (comma-separated subject, kept wel
 # Live RiskAssessments whose Observations are checked for deletion per run (about 10 searches): they pile
 # up with every abnormal count, so a long history is swept over several runs; active Flags every run.
 _RISK_SWEEP = 1000
+# Counts in one batch of pages that share patients at most (`Run._read_batch`), so memory stays bounded.
+_BATCH_OBSERVATIONS = 10_000
 
 
 class Sink(Protocol):
@@ -47,9 +49,11 @@ class Sink(Protocol):
 
 
 class ServerSink:
-    """Writes to the FHIR server: one transaction per page, split when it would exceed the largest
-    bundle the server takes. State commits once for the page, after every part was accepted; a crash
+    """Writes to the FHIR server: one transaction per batch, split when it would exceed the largest
+    bundle the server takes. State commits once for the batch, after every part was accepted; a crash
     between parts makes the rerun repeat them, harmlessly (every write is an idempotent PUT)."""
+
+    overlaps = True  # touches no state: may send while the run extracts the next page
 
     def __init__(self, client: FhirClient, output: writeback.Output, max_entries: int = 500):
         self.client = client
@@ -209,11 +213,12 @@ class Run:
         self._resumed: ResumePoint | None = None
         self._max_seen: datetime | None = None  # highest lastUpdated of the pass's committed pages
         self._run_max: datetime | None = None  # … of this run's committed pages
-        self._page_max: datetime | None = None  # … of the page being processed (not committed yet)
+        self._batch_max: datetime | None = None  # … of the batch being processed (not committed yet)
         self._reread_from: datetime | None = None  # the result set moved under us: read again from here
         self.rules = assess.Rules.from_config(config, mappings)
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
+        self._ahead: dict[int, tuple[dict[str, Any], Any]] = {}  # the next page, extracted during a write
         self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
         self._undeclared_said: set[str] = set()
@@ -258,29 +263,93 @@ class Run:
 
     def _read(self, pages: Iterable[source.Page], started: float) -> bool:
         """Process every page (of a search, or of a Bulk Data export); True when a stop or --max-duration
-        ended it first. The checks come after a page's state committed (or before any of it was
-        processed): the safe points."""
-        for page in pages:
+        ended it first. Pages go in batches (`_read_batch`); the checks come after a batch committed (or
+        before any of it was processed): the safe points."""
+        pages = iter(pages)
+        ahead: source.Page | None = None  # read, not yet recorded: it opens the next batch
+        while True:
             if self._stop_requested():
                 return True
-            self.summary.pages += 1
+            if ahead is None:
+                ahead = self._next_page(pages)
+                if ahead is None:
+                    return False
+            ahead, ended = self._read_batch(ahead, pages, started)
+            if ended is not None:
+                return ended
+
+    def _next_page(self, pages: Iterator[source.Page]) -> source.Page | None:
+        page = next(pages, None)
+        if page is not None:
             crashpoints.reach("page-read")
-            self.patients.add(page.patients)
-            self.summary.malformed += page.malformed
-            self._page_max = None
-            self._process(page.observations, retry=False)
-            self._run_max = _later(self._run_max, self._page_max)  # committed: it may be resumed after
-            self._max_seen = _later(self._max_seen, self._page_max)
-            if self.on_page:
-                self.on_page(self.summary, page.total)
-            if page.last:
-                break
-            if self._stop_requested():
-                return True
-            if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
-                log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
-                return True
-        return False
+        return page
+
+    def _read_batch(self, first: source.Page, pages: Iterator[source.Page],
+                    started: float) -> tuple[source.Page | None, bool | None]:
+        """Record `first` and the pages after it that belong in the same batch, in one transaction; then
+        plan, write each resource once, commit. So a patient whose counts are spread over the batch's pages
+        is written once, with all of them, instead of once a page, and the commit still follows the
+        server's acceptance of every write the batch caused (a kill rolls back just this batch).
+
+        Which pages belong together (`[poll] batch_observations`): by default, a page joins the batch when
+        it has a count for a patient already in it (a page boundary cut that patient's counts); pages with
+        no patient in common are written page by page, so no alert waits for pages it does not depend on.
+        With N > 0, pages join until N counts were recorded, whatever their patients (catching up a
+        backlog, a backfill). What a batch holds in memory is bounded by its counts (the touched patients'
+        ids, their earliest counts, the derivation groups), never by the pass: the recorded rows wait in
+        the state's open transaction, and a patient in two batches is written twice.
+
+        Returns the next page, read but not recorded (it opens the next batch), and whether the reading
+        ends: None to go on, True when a stop or --max-duration ended it early, False at the last page."""
+        size = self.config.poll.batch_observations
+        cap = size or _BATCH_OBSERVATIONS
+        self._begin_batch()
+        self._batch_max = None
+        subjects: set[Any] = set()
+        recorded = 0
+        page, ahead, ended = first, None, None
+        failed: Exception | None = None
+        with self.state.transaction():
+            while True:
+                self.summary.pages += 1
+                self.patients.add(page.patients)
+                self.summary.malformed += page.malformed
+                self._record_all(page.observations, retry=False)
+                subjects.update(_subject(r) for r in page.observations)
+                recorded += len(page.observations)
+                if self.on_page:
+                    self.on_page(self.summary, page.total)
+                if page.last:
+                    ended = False
+                    break
+                if self._stop_requested():
+                    # Nothing new is sent after a stop: the batch rolls back, the resume point stays
+                    # after the last committed one, and the rerun reads these pages again.
+                    raise Stopped("stop requested")
+                if self.max_duration_s is not None and time.monotonic() - started > self.max_duration_s:
+                    log.warning("stopping early: --max-duration reached", extra={"event": "max-duration"})
+                    ended = True  # what was read is written and committed first
+                    break
+                try:
+                    ahead = self._next_page(pages)
+                except Exception as exc:  # noqa: BLE001 - raised again below
+                    # The search failed or ended early on the next page: the pages read are written and
+                    # committed first, as they were before it was asked for.
+                    failed = exc
+                    break
+                if ahead is None:
+                    ended = False
+                    break
+                if recorded >= cap or (not size and subjects.isdisjoint(_subject(r) for r in ahead.observations)):
+                    break
+                page, ahead = ahead, None
+            self._settle(ahead=ahead.observations if ahead is not None else ())
+        crashpoints.reach("committed")
+        self._run_max = _later(self._run_max, self._batch_max)  # committed: it may be resumed after
+        self._max_seen = _later(self._max_seen, self._batch_max)
+        if failed is not None:
+            raise failed
+        return ahead, ended
 
     def _stop_requested(self) -> bool:
         if self.stop is not None and self.stop.is_set():
@@ -453,45 +522,61 @@ class Run:
     def _process(self, observations: Iterable[dict[str, Any]], retry: bool,
                  also_plan: Iterable[str] = (), deleted: Mapping[str, set[str]] | None = None,
                  context: context_source.Found | None = None) -> None:
-        now = _iso(self.now())
-        touched: set[str] = set(also_plan)
+        """One batch outside the paged read (retries, notifications, deletions, context): the same steps
+        in one transaction."""
+        self._begin_batch(also_plan)
+        with self.state.transaction():
+            self._record_all(observations, retry)
+            self._settle(deleted=deleted, context=context)
+        crashpoints.reach("committed")
+
+    def _begin_batch(self, also_plan: Iterable[str] = ()) -> None:
+        self._now = _iso(self.now())
+        self._touched: set[str] = set(also_plan)
         self._abnormal = set()  # patients with an abnormal count graded in this batch
         self._graded_at = {}
-        groups: set[tuple[str, datetime]] = set()
-        with self.state.transaction():
-            observations = list(observations)
-            # The page's ledger rows in one statement, not one each (each is used once: an Observation
-            # twice on a page is looked up again, after its first version was recorded).
-            ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
-            found = self.state.ledgers(ids)
-            self._priors = {i: found.get(i) for i in ids}
-            for resource in observations:
-                touched |= self._record(resource, retry, now, groups)
-            self._priors = {}
-            for observation_id, patients in sorted((deleted or {}).items()):
-                touched |= self._record_deleted(observation_id, patients, now, groups)
-            for patient_id, effective in sorted(groups):
-                if self._derive(patient_id, effective, now):
-                    touched.add(patient_id)
-            # Context facts commit with the writes they cause: a crash before the server accepted them
-            # leaves the facts unread, so the rerun finds them new and plans the same writes again.
-            if context is not None:
-                touched |= self._record_context(context, now)
-            around = self._context_needed()
-            if around:
-                found = self._read_context(around)
-                if not found.complete:  # read again next run, around the same counts (_poll_context)
-                    self.state.add_context_pending(around)
-                touched |= self._record_context(found, now)
-            touched.discard("")
-            crashpoints.reach("classified")
-            self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
-            planned: list[writeback.Planned] = []
-            for patient_id in sorted(touched):
-                planned += self._plan(patient_id)
-            if planned:
-                self._write(planned, now)
-        crashpoints.reach("committed")
+        self._groups: set[tuple[str, datetime]] = set()
+
+    def _record_all(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
+        observations = list(observations)
+        # The ledger rows in one statement, not one each (each is used once: an Observation twice in a
+        # batch is looked up again, after its first version was recorded).
+        ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
+        found = self.state.ledgers(ids)
+        self._priors = {i: found.get(i) for i in ids}
+        for resource in observations:
+            self._touched |= self._record(resource, retry, self._now, self._groups)
+        self._priors = {}
+        self._ahead = {}
+
+    def _settle(self, deleted: Mapping[str, set[str]] | None = None, context: context_source.Found | None = None,
+                ahead: list[dict[str, Any]] = ()) -> None:
+        """The end of a batch, inside its transaction: derive, read the context, adopt, plan and write.
+        `ahead` (the next page, already read) is extracted while the writes are in flight."""
+        now, touched, groups = self._now, self._touched, self._groups
+        for observation_id, patients in sorted((deleted or {}).items()):
+            touched |= self._record_deleted(observation_id, patients, now, groups)
+        for patient_id, effective in sorted(groups):
+            if self._derive(patient_id, effective, now):
+                touched.add(patient_id)
+        # Context facts commit with the writes they cause: a crash before the server accepted them
+        # leaves the facts unread, so the rerun finds them new and plans the same writes again.
+        if context is not None:
+            touched |= self._record_context(context, now)
+        around = self._context_needed()
+        if around:
+            found = self._read_context(around)
+            if not found.complete:  # read again next run, around the same counts (_poll_context)
+                self.state.add_context_pending(around)
+            touched |= self._record_context(found, now)
+        touched.discard("")
+        crashpoints.reach("classified")
+        self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
+        planned: list[writeback.Planned] = []
+        for patient_id in sorted(touched):
+            planned += self._plan(patient_id)
+        if planned:
+            self._write(planned, now, ahead)
 
     def _adopt_flags(self, patient_ids: list[str]) -> None:
         """Before a patient's first Flag is written, look on the server for Flags of ours that state does
@@ -554,15 +639,15 @@ class Run:
             self._failing.discard(patient_id)
         return mine
 
-    def _write(self, planned: list[writeback.Planned], now: str) -> None:
-        """Send the page's writes as one bundle. If the server refuses it for good (a 4xx), send each
+    def _write(self, planned: list[writeback.Planned], now: str, ahead: list[dict[str, Any]] = ()) -> None:
+        """Send the batch's writes as one bundle. If the server refuses it for good (a 4xx), send each
         patient's writes alone, so one patient the server will not accept (a merged Patient, a validator
         rule) does not stop every other patient's alerts; the refused ones are kept in state with the
         reason, shown by `status`, and tried again on every run."""
         to_send = [p for p in planned if p.send]
         refused: set[str] = set()
         try:
-            results = self.sink.send(to_send) if to_send else []
+            results = self._send(to_send, ahead) if to_send else []
         except PermanentHttpError as exc:
             if exc.status in _NOT_ABOUT_A_PATIENT:
                 raise  # the endpoint or the bundle itself was refused: no patient is to blame
@@ -592,12 +677,26 @@ class Run:
         for bookkeeping in (p for p in planned if not p.send and p.patient_id not in refused):
             self.state.record_written(bookkeeping.written(None), now)
 
+    def _send(self, to_send: list[writeback.Planned], ahead: list[dict[str, Any]]) -> list[tuple[Written, bool]]:
+        """Send; with the next page already read, extract it while the server works on the writes, so our
+        CPU and the server's overlap instead of taking turns. (Extraction is pure: nothing it does depends
+        on whether the server accepts.) What the send raises is raised here, after the extraction."""
+        if not ahead or not getattr(self.sink, "overlaps", False):
+            return self.sink.send(to_send)
+        pending = in_background(self.sink.send, to_send)
+        self._ahead = {id(r): (r, self._extract(r)) for r in ahead}
+        return pending.result()
+
+    def _extract(self, resource: dict[str, Any]) -> extract.Extracted | None:
+        return extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
+
     def _record(self, resource: dict[str, Any], retry: bool, now: str,
                 groups: set[tuple[str, datetime]]) -> set[str]:
         """Ledger one Observation version; return the patients whose outputs may change (two when the
         lab moved the result to another patient). With derived ANC on, add the (patient, effective time)
         groups whose derivation may change."""
-        extracted = extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
+        early = self._ahead.pop(id(resource), None)
+        extracted = early[1] if early is not None and early[0] is resource else self._extract(resource)
         if extracted is None:
             self.summary.malformed += 1
             return set()
@@ -824,7 +923,7 @@ class Run:
             # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
             # would hide everything written before it, so it never moves past the run's start.
             updated = self._run_started
-        self._page_max = _later(self._page_max, updated)
+        self._batch_max = _later(self._batch_max, updated)
 
     def _note_changed(self, prior: Any) -> None:
         """A new version of an Observation this state had read. If its previous version lay in the part of
@@ -850,6 +949,12 @@ class Run:
             "grade": ("at least " if result.at_least else "") + result.grade.value,
             "age_band": result.age_band.value,
         })
+
+
+def _subject(resource: dict[str, Any]) -> Any:
+    """The subject reference as the server wrote it: pages of one search spell it alike."""
+    subject = resource.get("subject")
+    return subject.get("reference") if isinstance(subject, dict) else None
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -131,7 +131,7 @@ class FhirClient:
         seen_links: set[str] = set()
         if self._stopping():
             raise Stopped("stop requested")
-        pending = _background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
+        pending = in_background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
         try:
             for _ in range(self.max_pages):
                 bundle = self._await(pending)
@@ -153,7 +153,7 @@ class FhirClient:
                     url = None
                 if url is not None:
                     seen_links.add(url)
-                    pending = _background(self._attempts, "GET", url, None, None)
+                    pending = in_background(self._attempts, "GET", url, None, None)
                 yield bundle
                 if refused is not None:
                     raise refused
@@ -234,7 +234,7 @@ class FhirClient:
             return call(*args)
         if self.stop.is_set():
             raise Stopped("stop requested")  # nothing new is sent after a stop
-        return self._await(_background(call, *args))
+        return self._await(in_background(call, *args))
 
     def _await(self, pending: Future) -> Any:
         """The call's result; with a stop installed, give up waiting as soon as a stop is requested.
@@ -284,7 +284,7 @@ class FhirClient:
         return parsed
 
 
-def _background(call: Callable[..., Any], *args: Any) -> Future:
+def in_background(call: Callable[..., Any], *args: Any) -> Future:
     """Run one call on a daemon thread. A ThreadPoolExecutor's workers are joined when the interpreter
     exits, so a request given up after a stop would hold the exit for its whole timeout; this does not."""
     future: Future = Future()

@@ -73,11 +73,24 @@ def test_patients_not_included_are_read_once_each_per_run(server, tmp_path):
     assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
     reads = [c.request.url for c in server.calls if "/Patient/" in c.request.url]
     assert sorted(reads) == [f"{BASE}/Patient/a", f"{BASE}/Patient/b"]
-    assert len(posted(server)) == 2  # one transaction per page
+    # Page 2 has another count of b: the two pages are one batch, and each Flag is written once (issue 13;
+    # this asserted one transaction per page before).
+    assert len(posted(server)) == 1
     first_page_flags = {e["resource"]["subject"]["reference"]: e for e in posted(server)[0]["entry"]}
     assert set(first_page_flags) == {"Patient/a", "Patient/b"}
     assert all(e["request"]["method"] == "PUT" and "Flag?identifier=" in e["request"]["url"]
                for e in posted(server)[0]["entry"])
+
+
+def test_pages_with_no_patient_in_common_are_written_page_by_page(server, tmp_path):
+    server.get(f"{BASE}/Observation", json=page(anc("o1", "a", 0.4), anc("o2", "b", 0.9),
+                                                included=[patient("a"), patient("b")],
+                                                next_url=f"{BASE}/Observation?page=2"))
+    server.get(f"{BASE}/Observation?page=2", json=page(anc("o3", "c", 0.3), included=[patient("c")]))
+    assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
+    # No alert waits for a page it does not depend on: one transaction per page.
+    assert [sorted(e["resource"]["subject"]["reference"] for e in bundle["entry"]) for bundle in posted(server)] \
+        == [["Patient/a", "Patient/b"], ["Patient/c"]]
 
 
 def test_included_patients_are_not_read_again(server, tmp_path):
