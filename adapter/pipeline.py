@@ -606,18 +606,27 @@ class Run:
                 self.summary.adopted += 1
 
     def _any_flag_of_ours(self) -> bool:
-        """One request per run instead of one per 50 newly flagged patients: does the server hold any Flag
-        carrying our tag? If not, no patient can have one this state does not know, for the rest of the run
-        (the Flags this run writes are recorded as the server accepts them). A first run, and a backfill
-        onto a server we never wrote to, need no lookups. Anything but a clear "none" means: look."""
-        params = {"_tag": f"{self.output.system_base}/tag|anc-adapter", "_count": 1, "_elements": "id"}
+        """One request per run instead of one per 50 newly flagged patients: can the server hold a Flag of
+        ours that this state does not know? It counts the Flags carrying our tag: none, or exactly as many
+        as the state has recorded (every one it wrote or adopted, whatever their status), and no patient can
+        have one the state does not know, for the rest of the run (the Flags this run writes are recorded as
+        the server accepts them). So a first run, a backfill onto a server we never wrote to, and every run
+        of an intact state need no lookups; a lost or restored state (the server holds more) still gets
+        them. Anything but a clear answer means: look. (Equal counts could hide an unknown Flag only if
+        someone also deleted one of ours from the server; the cost would be a second Flag, never a lost
+        alert.)"""
+        params = {"_tag": f"{self.output.system_base}/tag|anc-adapter", "_summary": "count", "_count": 1}
         try:
             bundle = self.client.get("Flag", params)
         except PermanentHttpError:
             return True
         if bundle.get("resourceType") != "Bundle":
             return True
-        entries = bundle.get("entry", [])  # an empty searchset may leave `entry` out
+        total = bundle.get("total")
+        if isinstance(total, int) and not isinstance(total, bool):
+            known = sum(n for key, n in self.state.written_counts().items() if key.startswith("Flag:"))
+            return total != known
+        entries = bundle.get("entry", [])  # no total: an empty searchset may leave `entry` out
         return not isinstance(entries, list) or bool(entries)
 
     def _plan(self, patient_id: str) -> list[writeback.Planned]:

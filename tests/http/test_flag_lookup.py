@@ -7,8 +7,8 @@ import pytest
 import responses
 
 from adapter.cli import main
-from builders import anc
-from test_pipeline import BASE, CAPABILITY, EMPTY_SEARCH, FLAG_SEARCH, page, transaction_echo
+from builders import anc, patient
+from test_pipeline import BASE, CAPABILITY, EMPTY_SEARCH, FLAG_SEARCH, ID_SEARCH, ids_exist, page, transaction_echo
 
 OURS = {"resourceType": "Flag", "id": "f-old", "status": "active",
         "identifier": [{"system": "https://hospital.example/fhir/anc-adapter/Flag", "value": "zz/o-old"}],
@@ -49,3 +49,32 @@ def test_flags_of_ours_on_the_server_mean_a_lookup_per_batch_of_new_patients(tmp
         gets = run(mock, tmp_path, [OURS])
     lookups = [g for g in gets if "subject=" in g]
     assert len(gets) == 1 + len(lookups) and len(lookups) >= 3, gets  # 120 patients, 50 per lookup
+
+
+def second_run(tmp_path, total_on_server) -> list[str]:
+    """A first run writes the Flags of 120 patients; then the server answers the check with `total` and the
+    second run flags 60 new patients."""
+    state = str(tmp_path / "s.sqlite3")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        run(mock, tmp_path, [])
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json={**EMPTY_SEARCH, "total": total_on_server, "entry": []})
+        mock.add_callback(responses.POST, BASE, callback=transaction_echo)
+        mock.add_callback(responses.GET, f"{BASE}/Observation", callback=ids_exist, match=ID_SEARCH)
+        mock.get(f"{BASE}/Observation", json=page(*(anc(f"o{n}", f"p{n}", 0.4) for n in range(120, 180)),
+                                                   included=[patient(f"p{n}") for n in range(120, 180)]))
+        assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+        return flag_gets(mock)
+
+
+def test_a_server_holding_exactly_the_flags_the_state_knows_needs_no_lookup(tmp_path):
+    gets = second_run(tmp_path, 120)
+    assert len(gets) == 1 and "_summary=count" in gets[0], gets  # the count; no `subject=` lookups
+
+
+@pytest.mark.parametrize("total", [121, 119])  # a lost or restored state; a Flag of ours deleted
+def test_a_server_holding_other_flags_than_the_state_knows_gets_the_lookups(tmp_path, total):
+    gets = second_run(tmp_path, total)
+    lookups = [g for g in gets if "subject=" in g]
+    assert len(lookups) == 2, gets  # 60 new patients, 50 per lookup
