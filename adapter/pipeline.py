@@ -331,7 +331,10 @@ class Run:
                     ended = True  # what was read is written and committed first
                     break
                 try:
-                    ahead = self._next_page(pages)
+                    # The page after it is not fetched yet: if this batch ends here, its lookups and writes
+                    # go to the server first, and that fetch overlaps the next batch's CPU instead.
+                    with self.client.prefetch_held():
+                        ahead = self._next_page(pages)
                 except Exception as exc:  # noqa: BLE001 - raised again below
                     # The search failed or ended early on the next page: the pages read are written and
                     # committed first, as they were before it was asked for.
@@ -342,8 +345,12 @@ class Run:
                     break
                 if recorded >= cap or (not size and subjects.isdisjoint(_subject(r) for r in ahead.observations)):
                     break
+                self.client.release_prefetch()
                 page, ahead = ahead, None
-            self._settle(ahead=ahead.observations if ahead is not None else ())
+            try:
+                self._settle(ahead=ahead.observations if ahead is not None else ())
+            finally:
+                self.client.release_prefetch()
         crashpoints.reach("committed")
         self._run_max = _later(self._run_max, self._batch_max)  # committed: it may be resumed after
         self._max_seen = _later(self._max_seen, self._batch_max)

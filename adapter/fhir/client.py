@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -99,6 +100,8 @@ class FhirClient:
         self.stop = stop  # set by a signal (adapter/stopping.py): waits on the server give up at once
         self.requests_by_status: Counter[str] = Counter()
         self._count_lock = threading.Lock()
+        self._hold_next_prefetch = False
+        self._held: set[_Permit] = set()  # prefetches waiting for `release_prefetch`
         session.headers.setdefault("Accept", FHIR_JSON)
 
     def _count(self, status: str) -> None:
@@ -111,6 +114,24 @@ class FhirClient:
 
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.is_set()
+
+    @contextmanager
+    def prefetch_held(self) -> Iterator[None]:
+        """A page prefetched by a search step inside this block waits to be sent until `release_prefetch`
+        (or until the search is asked for it): a caller about to send requests of its own (lookups, writes)
+        keeps them from queueing behind a page fetch on a server that serves one request at a time, and
+        lets the fetch overlap its own CPU afterwards instead."""
+        self._hold_next_prefetch = True
+        try:
+            yield
+        finally:
+            self._hold_next_prefetch = False
+
+    def release_prefetch(self) -> None:
+        with self._count_lock:
+            held, self._held = self._held, set()
+        for permit in held:
+            permit.grant()
 
     def get(self, path_or_url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("GET", self._url(path_or_url), params=params)
@@ -129,6 +150,7 @@ class FhirClient:
         The next page is fetched in the background while the caller works on this one, so the server
         pages while we classify and write (reads only: nothing about commit order changes)."""
         seen_links: set[str] = set()
+        permit: _Permit | None = None
         if self._stopping():
             raise Stopped("stop requested")
         pending = in_background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
@@ -153,8 +175,17 @@ class FhirClient:
                     url = None
                 if url is not None:
                     seen_links.add(url)
-                    pending = in_background(self._attempts, "GET", url, None, None)
+                    permit = _Permit()
+                    if self._hold_next_prefetch:
+                        self._hold_next_prefetch = False
+                        with self._count_lock:
+                            self._held.add(permit)
+                    else:
+                        permit.grant()
+                    pending = in_background(self._prefetch, permit, url)
                 yield bundle
+                if url is not None:
+                    permit.grant()  # asked for: it goes now, held or not
                 if refused is not None:
                     raise refused
                 if looped:
@@ -163,10 +194,21 @@ class FhirClient:
                     return
             raise SearchTruncated(f"paging stopped at the page cap ({self.max_pages} pages)")
         finally:
-            # A search ended early lets its prefetch finish first, as before; after a stop it is left
-            # to its daemon thread (a read: nothing depends on it).
+            # A search ended early lets its prefetch finish first, as before (a held one is not sent at
+            # all); after a stop it is left to its daemon thread (a read: nothing depends on it).
+            if permit is not None and not permit.granted:
+                permit.cancelled = True  # never sent: its thread returns at once
+                permit.grant()
+                with self._count_lock:
+                    self._held.discard(permit)
             while not pending.done() and not self._stopping():
                 wait([pending], timeout=_STOP_POLL_S)
+
+    def _prefetch(self, permit: _Permit, url: str) -> dict[str, Any]:
+        permit.wait()
+        if permit.cancelled:
+            return {}
+        return self._attempts("GET", url, None, None)
 
     def _next_link(self, bundle: dict[str, Any]) -> str | None:
         links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
@@ -282,6 +324,24 @@ class FhirClient:
         if not isinstance(parsed, dict):
             raise TransientHttpError(f"{method} answered {status} with JSON that is not a resource")
         return parsed
+
+
+class _Permit:
+    """A prefetch's permission to be sent."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.cancelled = False
+
+    @property
+    def granted(self) -> bool:
+        return self._event.is_set()
+
+    def grant(self) -> None:
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
 
 
 def in_background(call: Callable[..., Any], *args: Any) -> Future:

@@ -4,7 +4,9 @@ extraction, and a stop rolls back just the open batch."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+from urllib.parse import parse_qs, urlsplit
 
 import responses
 
@@ -12,7 +14,7 @@ from adapter import pipeline
 from adapter.cli import run_once
 from adapter.state import State
 from adapter.stopping import Stop
-from test_stopping import FakeServer, config, observation
+from test_stopping import BASE, FakeServer, config, observation
 
 
 def stamp(n: int) -> str:
@@ -119,3 +121,37 @@ def test_a_stop_in_an_open_batch_rolls_it_back_and_the_rerun_writes_it_once(tmp_
         assert code == 0 and summary.complete
         subjects = [e["resource"]["subject"]["reference"] for bundle in posted(mock) for e in bundle["entry"]]
         assert sorted(subjects) == ["Patient/a", "Patient/b"]  # a's two pages in one batch: one Flag write
+
+
+class HoldsOtherFlags(FakeServer):
+    """A server holding a Flag of ours the state does not know: each newly flagged patient is looked up."""
+
+    def __init__(self, mock):
+        other = {"resourceType": "Flag", "id": "f-x", "status": "active", "code": {"text": "x"},
+                 "identifier": [{"system": "https://hospital.example/fhir/anc-adapter/Flag", "value": "x/o-x"}],
+                 "subject": {"reference": "Patient/x"}}
+        mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"),
+                 json={"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": other}]})
+        super().__init__(mock)
+
+
+def test_lookups_and_writes_never_queue_behind_a_page_fetch(tmp_path):
+    """Sekmet serves one request at a time: the page after the one read ahead is fetched only once the batch
+    before it was written, so the Flag lookups and the write meet no page fetch in flight."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        server = HoldsOtherFlags(mock)
+        server.pages = [[observation(f"o{k}", f"p{k}", 0.4, stamp(k))] for k in range(4)]
+        code, summary = run_once(config(tmp_path), tmp_path / "s.sqlite3", "r1")
+        assert code == 0 and summary.complete and summary.pages == 4
+        order = []
+        for call in mock.calls:
+            url = call.request.url
+            if call.request.method == "POST":
+                order.append("write")
+            elif "subject=" in url:
+                order.append("lookup")
+            elif "/Observation" in url and "_elements=id" not in url:
+                order.append(f"page{int(parse_qs(urlsplit(url).query).get('page', ['0'])[0]) + 1}")
+        # Page k+2 is fetched after batch k's lookup and write, never between them.
+        assert order == ["page1", "page2", "lookup", "write", "page3", "lookup", "write", "page4",
+                         "lookup", "write", "lookup", "write"], order

@@ -207,3 +207,30 @@ def test_every_call_has_a_timeout():
     responses.get(f"{BASE}/metadata", json={"resourceType": "CapabilityStatement"})
     FhirClient(BASE, Recording(), timeout_s=12).get("metadata")
     assert seen == [12]
+
+
+@responses.activate
+def test_a_held_prefetch_is_sent_on_release_or_when_its_page_is_asked_for_and_never_after_an_early_end():
+    responses.get(f"{BASE}/Observation", json=bundle("a", next_url=f"{BASE}/p2"))
+    responses.get(f"{BASE}/p2", json=bundle("b", next_url=f"{BASE}/p3"))
+    responses.get(f"{BASE}/p3", json=bundle("c", next_url=f"{BASE}/p4"))
+    responses.get(f"{BASE}/p4", json=bundle("d"))
+    fhir, _ = client()
+    pages = fhir.search("Observation", {"code": "x"})
+    with fhir.prefetch_held():
+        assert ids([next(pages)]) == [["a"]]  # p2 is held
+    responses.get(f"{BASE}/other", json=bundle("z"))
+    assert ids([fhir.get("other")]) == [["z"]]  # a request of our own meets no page fetch
+    fetched = [c.request.url.split("?")[0] for c in responses.calls]
+    assert fetched == [f"{BASE}/Observation", f"{BASE}/other"]
+    assert ids([next(pages)]) == [["b"]]  # asked for: sent though never released (no deadlock)
+    with fhir.prefetch_held():
+        assert ids([next(pages)]) == [["c"]]  # p4 is held
+    fhir.release_prefetch()
+    pages.close()  # p4 was released: the early end lets it finish, as any prefetch
+    assert [c.request.url.split("?")[0] for c in responses.calls][-1] == f"{BASE}/p4"
+    pages = fhir.search("Observation", {"code": "x"})
+    with fhir.prefetch_held():
+        next(pages)
+    pages.close()  # held and never released: not sent at all
+    assert [c.request.url.split("?")[0] for c in responses.calls].count(f"{BASE}/p2") == 1  # only the first search sent it
