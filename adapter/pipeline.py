@@ -1,9 +1,10 @@
 """One run: wires the stages and owns the commit order (CONTRACT §7).
 
-For each page: extract -> normalise -> classify -> record in a SQLite transaction -> plan the writes ->
-send them as one FHIR transaction -> commit. The SQLite transaction commits only after the server
-accepted every write, so a crash anywhere leaves state with only what the server has; writes are
-conditional updates keyed by our identifiers, so the rerun repeats them without duplicating anything.
+For each batch of pages (a page, or the pages that share a patient, or `[poll] batch_observations`
+counts): extract -> normalise -> classify -> record in a SQLite transaction -> plan the writes -> send them
+as one FHIR transaction -> commit. The SQLite transaction commits only after the server accepted every
+write, so a crash anywhere leaves state with only what the server has; writes are conditional updates
+keyed by our identifiers, so the rerun repeats them without duplicating anything.
 The watermark moves only at the end of a complete, stable pass; a pass stopped early (--max-duration, a
 signal) leaves a resume point, so a backlog drains over several runs (see Run._finish_live)."""
 

@@ -34,7 +34,24 @@ from adapter.localserver import sekmet, sekmet_process  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load(db: Path, n: int, chunk: int = 1000) -> float:
+def in_load_order(n: int, spread: bool):
+    """The dataset as loaded. Spread: every patient's first count, then every second count, and so on, so
+    each patient's counts are far apart in `_lastUpdated` order, many pages apart (a backlog of days)."""
+    resources = patients_and_observations(n)
+    if not spread:
+        yield from resources
+        return
+    rounds: dict[int, list[dict]] = {}
+    for resource in resources:
+        if resource["resourceType"] == "Patient":
+            yield resource
+        else:
+            rounds.setdefault(int(resource["id"][2:]) % 4, []).append(resource)
+    for k in sorted(rounds):
+        yield from rounds[k]
+
+
+def load(db: Path, n: int, spread: bool = False, chunk: int = 1000) -> float:
     started = time.monotonic()
     with sekmet(database=str(db)) as base_url:
         session = requests.Session()
@@ -47,7 +64,7 @@ def load(db: Path, n: int, chunk: int = 1000) -> float:
             response.raise_for_status()
             entries.clear()
 
-        for resource in patients_and_observations(n):
+        for resource in in_load_order(n, spread):
             entries.append({"resource": resource,
                             "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}})
             if len(entries) >= chunk:
@@ -174,9 +191,10 @@ def least_work(db: Path, page_size: int, flags: list[dict]) -> dict:
     return bare
 
 
-def adapter_run(base_url: str, workdir: Path, page_size: int) -> dict:
+def adapter_run(base_url: str, workdir: Path, page_size: int, batch: int = 0) -> dict:
     config = workdir / "adapter.toml"
     config.write_text(f'[fhir]\nbase_url = "{base_url}"\npage_size = {page_size}\ntimeout_s = 600\n'
+                      f'[poll]\nbatch_observations = {batch}\n'
                       f'[state]\npath = "{workdir / "state.sqlite3"}"\n')
     result = run_child([sys.executable, "-m", "adapter", "run", "--config", str(config), "--log-format", "json"])
     summaries = [json.loads(l) for l in result["stderr"].splitlines() if '"run-summary"' in l]
@@ -203,17 +221,18 @@ def naive_run(base_url: str, page_size: int, budget_s: float) -> dict:
     return result
 
 
-def one_size(n: int, page_size: int, naive_budget_s: float, fixed_cpu_s: float) -> dict:
+def one_size(n: int, page_size: int, naive_budget_s: float, fixed_cpu_s: float, spread: bool = False,
+             batch: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"anc-bench-{n}-") as tmp:
         workdir = Path(tmp)
         base_db = workdir / "base.sqlite3"
-        load_s = load(base_db, n)
+        load_s = load(base_db, n, spread)
         for name in ("adapter", "least", "naive"):
             copy_database(base_db, workdir / f"{name}.sqlite3")
         (workdir / "adapter").mkdir()
         with sekmet_process(database=str(workdir / "adapter.sqlite3")) as (base_url, server):
             before = server_cpu(server.pid)
-            adapter = adapter_run(base_url, workdir / "adapter", page_size)
+            adapter = adapter_run(base_url, workdir / "adapter", page_size, batch)
             adapter["server_cpu_s"] = server_cpu(server.pid) - before
             flags = final_flags(base_url)
         adapter["flags"] = len(flags)
@@ -277,14 +296,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--page-size", type=int, default=1000, help="the adapter's default")
     parser.add_argument("--naive-budget", type=float, default=120.0, help="seconds the naive poller may run")
+    parser.add_argument("--spread", action="store_true",
+                        help="load each patient's counts far apart (every first count, then every second, ...)")
+    parser.add_argument("--batch", type=int, default=0, help="the adapter's [poll] batch_observations")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}")
     with tempfile.TemporaryDirectory() as tmp:
         fixed = startup_cpu(Path(tmp))
-    print(f"adapter start-up CPU (empty server): {fixed:.2f} s\n")
+    print(f"adapter start-up CPU (empty server): {fixed:.2f} s")
+    print(f"data: {'spread (a patient’s counts far apart)' if args.spread else 'each patient’s counts together'}; "
+          f"[poll] batch_observations = {args.batch}\n")
     for n in args.sizes:
-        print(table(one_size(n, args.page_size, args.naive_budget, fixed)) + "\n", flush=True)
+        print(table(one_size(n, args.page_size, args.naive_budget, fixed, args.spread, args.batch)) + "\n", flush=True)
 
 
 if __name__ == "__main__":
