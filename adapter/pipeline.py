@@ -41,7 +41,8 @@ _ADOPT_BATCH = 50  # patients per Flag lookup (comma-separated subject, kept wel
 # Live RiskAssessments whose Observations are checked for deletion per run (about 10 searches): they pile
 # up with every abnormal count, so a long history is swept over several runs; active Flags every run.
 _RISK_SWEEP = 1000
-# Counts in one batch of pages that share patients at most (`Run._read_batch`), so memory stays bounded.
+# Counts in one batch at most (`Run._read_batch`), so memory stays bounded; a search matching at least this
+# many is a backlog, batched by size.
 _BATCH_OBSERVATIONS = 10_000
 
 
@@ -220,6 +221,7 @@ class Run:
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
         self._ahead: dict[int, tuple[dict[str, Any], Any]] = {}  # the next page, extracted during a write
+        self._backlog = False  # the search matches _BATCH_OBSERVATIONS or more: batched by size
         self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
         self._undeclared_said: set[str] = set()
@@ -275,6 +277,8 @@ class Run:
                 ahead = self._next_page(pages)
                 if ahead is None:
                     return False
+                # The server's count of what the search matches, when it gives one (on its first page).
+                self._backlog = (ahead.total or 0) >= _BATCH_OBSERVATIONS
             ahead, ended = self._read_batch(ahead, pages, started)
             if ended is not None:
                 return ended
@@ -294,15 +298,18 @@ class Run:
 
         Which pages belong together (`[poll] batch_observations`): by default, a page joins the batch when
         it has a count for a patient already in it (a page boundary cut that patient's counts); pages with
-        no patient in common are written page by page, so no alert waits for pages it does not depend on.
-        With N > 0, pages join until N counts were recorded, whatever their patients (catching up a
-        backlog, a backfill). What a batch holds in memory is bounded by its counts (the touched patients'
+        no patient in common are written page by page, so no alert of a routine poll waits for pages it
+        does not depend on. A backlog — a search whose Bundle.total is at least _BATCH_OBSERVATIONS — is
+        batched by size instead: its patients' counts are spread over many pages, and a patient written once
+        a batch is written once instead of once a page; a few seconds more for its first alerts matter less
+        than a backlog's share of the server. With N > 0, pages join until N counts were recorded, whatever
+        their patients. What a batch holds in memory is bounded by its counts (the touched patients'
         ids, their earliest counts, the derivation groups), never by the pass: the recorded rows wait in
         the state's open transaction, and a patient in two batches is written twice.
 
         Returns the next page, read but not recorded (it opens the next batch), and whether the reading
         ends: None to go on, True when a stop or --max-duration ended it early, False at the last page."""
-        size = self.config.poll.batch_observations
+        size = self.config.poll.batch_observations or (_BATCH_OBSERVATIONS if self._backlog else 0)
         cap = size or _BATCH_OBSERVATIONS
         self._begin_batch()
         self._batch_max = None

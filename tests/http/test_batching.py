@@ -155,3 +155,26 @@ def test_lookups_and_writes_never_queue_behind_a_page_fetch(tmp_path):
         # Page k+2 is fetched after batch k's lookup and write, never between them.
         assert order == ["page1", "page2", "lookup", "write", "page3", "lookup", "write", "page4",
                          "lookup", "write", "lookup", "write"], order
+
+
+class Counting(FakeServer):
+    """Gives Bundle.total on every page, as Sekmet does."""
+
+    def search(self, request):
+        status, headers, body = super().search(request)
+        answer = json.loads(body)
+        answer["total"] = sum(len(p) for p in self.pages)
+        return status, headers, json.dumps(answer)
+
+
+def test_a_backlog_is_batched_by_size_and_a_routine_poll_page_by_page(tmp_path, monkeypatch):
+    """Pages of different patients: written page by page in a small pass; in a search the server says
+    matches at least a batch's worth of counts (a backlog), by size."""
+    monkeypatch.setattr(pipeline, "_BATCH_OBSERVATIONS", 4)
+    for pages, writes in ((3, 3), (4, 1), (6, 2)):  # total 3: a routine poll; 4 and 6: backlogs
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+            server = Counting(mock)
+            server.pages = [[observation(f"o{k}", f"p{k}", 0.4, stamp(k))] for k in range(pages)]
+            code, summary = run_once(config(tmp_path / str(pages)), tmp_path / f"{pages}.sqlite3", "r1")
+            assert code == 0 and summary.complete and summary.pages == pages
+            assert len(posted(mock)) == writes, pages
