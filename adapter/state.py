@@ -491,14 +491,15 @@ class State:
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
-        self._upsert("observations", ("observation_id",), {
-            "observation_id": reading.observation_id, "version": reading.version, "status": reading.status,
-            "patient_id": reading.patient_id, "outcome": "classified", "effective": reading.effective.isoformat(),
-            "anc_per_ul": reading.count.anc_per_ul, "comparator": reading.count.comparator,
-            "lln_per_ul": reading.lln_per_ul, "grade": result.grade.value, "at_least": int(result.at_least),
-            "age_band": result.age_band.value, "notes": _to_json(result.notes),
-            "sources": _to_json(reading.sources), "processed_at": now, "last_updated": last_updated,
-        })
+        # Once per Observation read: the statement is built once, the row goes in as a tuple, and the
+        # enums give their plain `_value_` (`.value` is a descriptor call, a quarter µs each).
+        count = reading.count
+        self.db.execute(_RECORD_CLASSIFIED, (
+            reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
+            reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
+            result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
+            _to_json(reading.sources), now, last_updated,
+        ))
         self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
@@ -828,6 +829,11 @@ def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> s
     changes = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"))
+
+
+_RECORD_CLASSIFIED = _upsert_sql("observations", ("observation_id",), (
+    "observation_id", "version", "status", "patient_id", "outcome", "effective", "anc_per_ul", "comparator",
+    "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated"))
 
 
 @contextmanager
