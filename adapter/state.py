@@ -247,6 +247,12 @@ class QuarantineEntry:
 
 
 class State:
+    # written() answers kept for the open transaction: a page asks for each graded patient's resources
+    # twice (whether its context is needed, then its plan), and every write to the table goes through
+    # record_written, which forgets them. Only within a transaction, where the lock and BEGIN IMMEDIATE
+    # leave this run the only writer; dropped at its end, whether it commits or rolls back.
+    _written_memo: dict[tuple[str, str], list[Written]] | None = None
+
     def __init__(self, connection: sqlite3.Connection | state_pg.Connection):
         self.db = connection
         self.postgres = isinstance(connection, state_pg.Connection)
@@ -387,11 +393,14 @@ class State:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN IMMEDIATE")
+        self._written_memo = {}
         try:
             yield
         except BaseException:
+            self._written_memo = None
             self.db.execute("ROLLBACK")
             raise
+        self._written_memo = None
         self.db.execute("COMMIT")
 
     # -- watermark -------------------------------------------------------------------------------
@@ -665,17 +674,25 @@ class State:
 
     # -- what we wrote ---------------------------------------------------------------------------
     def written(self, patient_id: str, resource_type: str) -> list[Written]:
+        memo = self._written_memo
+        if memo is not None and (patient_id, resource_type) in memo:
+            return list(memo[patient_id, resource_type])
         rows = self.db.execute(
             "SELECT * FROM written WHERE patient_id = ? AND resource_type = ? ORDER BY identifier",
             (patient_id, resource_type),
         ).fetchall()
-        return [
+        found = [
             Written(row["resource_type"], row["identifier"], row["patient_id"], row["status"],
                     row["content_hash"], row["server_id"], _json_list(row["evidence"]))
             for row in rows
         ]
+        if memo is not None:
+            memo[patient_id, resource_type] = found
+        return list(found)
 
     def record_written(self, item: Written, now: str) -> None:
+        if self._written_memo:
+            self._written_memo.clear()  # the row may also leave another patient's list (a re-filed id)
         self._upsert("written", ("resource_type", "identifier"), {
             "resource_type": item.resource_type, "identifier": item.identifier, "patient_id": item.patient_id,
             "status": item.status, "content_hash": item.content_hash, "server_id": item.server_id,
