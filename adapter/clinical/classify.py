@@ -33,6 +33,8 @@ def patient_age_band(patient: Patient | None, effective: date, pediatric: bool =
     if patient is None:
         return AgeBand.UNKNOWN
     youngest = age_band(patient.born_latest, effective, pediatric)
+    if patient.born_earliest == patient.born_latest:  # a full birthDate (nearly always): one band
+        return youngest
     oldest = age_band(patient.born_earliest, effective, pediatric)
     if youngest == oldest:
         return youngest
