@@ -6,6 +6,7 @@ Observation over an unrelated odd element; we check exactly the fields we use in
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -46,8 +47,12 @@ def observation(
     if resource.get("resourceType") != "Observation" or not is_fhir_id(resource.get("id")):
         return None
     # Raw JSON is checked with isinstance(..., dict): an ABC check (Mapping) costs ~10x more per field.
-    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-    status = resource.get("status") if isinstance(resource.get("status"), str) else ""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        meta = {}
+    status = resource.get("status")
+    if not isinstance(status, str):
+        status = ""
     seen = Seen(
         observation_id=resource["id"],
         version=str(meta.get("versionId") or meta.get("lastUpdated") or "0"),
@@ -57,7 +62,7 @@ def observation(
     )
     if status in WITHDRAWN_STATUSES or status not in statuses:
         return Extracted(seen, None)
-    if has_code(resource, set(mappings.anc_codes)):
+    if has_code(resource, _code_set(mappings.anc_codes)):
         return Extracted(seen, _reading(resource, seen, mappings))
     kind = _input_kind(resource, input_kinds or {})
     if kind is not None:
@@ -67,7 +72,10 @@ def observation(
 
 def _usable(resource: Mapping[str, Any], seen: Seen) -> datetime | Quarantine:
     """Checks every Observation we act on must pass; its effective time when it does."""
-    modified = modifier_urls(resource) + modifier_urls(resource.get("valueQuantity"))
+    quantity = resource.get("valueQuantity")
+    # modifier_urls lists something only where modifierExtension is truthy: almost never, so look first.
+    modified = modifier_urls(resource) + modifier_urls(quantity) if resource.get("modifierExtension") or (
+        isinstance(quantity, dict) and quantity.get("modifierExtension")) else []
     if modified:
         # FHIR: a reader that does not understand a modifierExtension must not act on the resource as
         # if it were not there. We understand none.
@@ -129,22 +137,22 @@ def _reading(resource: Mapping[str, Any], seen: Seen, mappings: Mappings) -> Rea
 
 
 def effective_time(resource: Mapping[str, Any]) -> datetime | Quarantine:
-    """effectiveDateTime, effectiveInstant or effectivePeriod.start, else issued (CONTRACT §3)."""
-    period = resource.get("effectivePeriod")
-    candidates = (
-        resource.get("effectiveDateTime"),
-        resource.get("effectiveInstant"),
-        period.get("start") if isinstance(period, dict) else None,
-        resource.get("issued"),
-    )
-    for text in candidates:
-        if text is None:
-            continue
-        parsed = parse_datetime(text)
-        if parsed is None:
-            return Quarantine(Reason.NO_EFFECTIVE_TIME, "effective time unparseable or less precise than a day")
-        return parsed
-    return Quarantine(Reason.NO_EFFECTIVE_TIME, "no effective[x] and no issued")
+    """effectiveDateTime, effectiveInstant or effectivePeriod.start, else issued (CONTRACT §3): the first
+    one present decides."""
+    text = resource.get("effectiveDateTime")
+    if text is None:
+        text = resource.get("effectiveInstant")
+    if text is None:
+        period = resource.get("effectivePeriod")
+        text = period.get("start") if isinstance(period, dict) else None
+    if text is None:
+        text = resource.get("issued")
+    if text is None:
+        return Quarantine(Reason.NO_EFFECTIVE_TIME, "no effective[x] and no issued")
+    parsed = parse_datetime(text)
+    if parsed is None:
+        return Quarantine(Reason.NO_EFFECTIVE_TIME, "effective time unparseable or less precise than a day")
+    return parsed
 
 
 _DATETIME = re.compile(
@@ -206,9 +214,15 @@ def _codings(resource: Mapping[str, Any]) -> list[Coding]:
             if isinstance(c, dict) and isinstance(c.get("system"), str) and isinstance(c.get("code"), str)]
 
 
-def has_code(resource: Mapping[str, Any], wanted: set[Coding]) -> bool:
+def has_code(resource: Mapping[str, Any], wanted: set[Coding] | frozenset[Coding]) -> bool:
     """Does `code.coding` hold one of these (system, code) pairs? (Counts, temperatures, markers.)"""
-    return any(coding in wanted for coding in _codings(resource))
+    return not wanted.isdisjoint(_codings(resource))
+
+
+@functools.lru_cache(maxsize=16)
+def _code_set(codes: tuple[Coding, ...]) -> frozenset[Coding]:
+    # The mapping's codes as a set once, not once per Observation read.
+    return frozenset(codes)
 
 
 def _input_kind(resource: Mapping[str, Any], kinds: Mapping[Coding, InputKind]) -> InputKind | None:
@@ -248,9 +262,12 @@ def modifier_urls(element: Any) -> list[str]:
     return [str(e.get("url", "?")) if isinstance(e, dict) else "?" for e in extensions]
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 def is_fhir_id(value: Any) -> bool:
     """A FHIR resource id: 1-64 of [A-Za-z0-9-.]."""
-    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None
+    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
 
 
 # -- what state keeps of a quarantined Observation ---------------------------------------------------------

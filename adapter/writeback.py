@@ -489,7 +489,8 @@ _INSTANT = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-
                       r"(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
 _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
-_TEXT, _DATETIME = "\x00text", "\x00dateTime"  # the classes a varying leaf is replaced by
+# Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
+_TEXT, _DATETIME, _DICT, _LIST, _END = object(), object(), object(), object(), object()
 
 
 class _Unshaped(Exception):
@@ -504,28 +505,71 @@ def _shape(resource_type: str, resource: dict[str, Any]) -> tuple[Any, ...] | No
     a real date and time. The text class holds only non-empty, printable strings (no control or exotic
     white-space characters on which Python's and pydantic's regex engines could differ), all valid as a
     string; the dateTime class only strings matching the stricter pattern above that Python also parses,
-    all valid as a dateTime. Every other leaf, every key, every list length is kept exactly."""
+    all valid as a dateTime. Every other leaf, every key, every list length is kept exactly.
+
+    The shape is one flat tuple of tokens, written in one walk (nested tuples built by generators cost
+    more than a third of planning a Flag): a dict is _DICT, then each key and its value, then _END; a
+    list is _LIST, its items, _END; a fixed string is itself, any other fixed leaf its type then itself;
+    a varying leaf its class. Read from the start, the tokens give back the tree, so two resources have
+    one shape only when the nested form would be equal too. Anything but plain dicts, lists and
+    strings where those occur (a subclass) is left to the model."""
+    tokens: list[Any] = [resource_type]
     try:
-        return resource_type, _leaf_shape("", resource)
+        _walk_dict("", resource, tokens.append)
     except _Unshaped:
         return None
+    return tuple(tokens)
 
 
-def _leaf_shape(parent: str, value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return tuple((k, _leaf_shape(key or parent, v, k)) for k, v in value.items())
-    if isinstance(value, list):
-        return ("[]",) + tuple(_leaf_shape(key or parent, v) for v in value)
-    if isinstance(value, str) and key:
-        if (parent, key) in _STRING_LEAVES:
-            if value and value.isprintable():
-                return _TEXT
+def _walk_dict(parent: str, value: Any, emit: Any) -> None:
+    if type(value) is not dict:
+        raise _Unshaped
+    emit(_DICT)
+    for key, item in value.items():
+        emit(key)
+        kind = type(item)
+        if kind is str:
+            if key:
+                leaf = (parent, key)
+                if leaf in _STRING_LEAVES:
+                    if not (item and item.isprintable()):
+                        raise _Unshaped
+                    emit(_TEXT)
+                    continue
+                if leaf in _DATETIME_LEAVES:
+                    if not (_INSTANT.fullmatch(item) and _parses(item)):
+                        raise _Unshaped
+                    emit(_DATETIME)
+                    continue
+            emit(item)
+        elif kind is dict:
+            _walk_dict(key or parent, item, emit)
+        elif kind is list:
+            _walk_list(key or parent, item, emit)
+        elif isinstance(item, (str, dict, list)):
             raise _Unshaped
-        if (parent, key) in _DATETIME_LEAVES:
-            if _INSTANT.fullmatch(value) and _parses(value):
-                return _DATETIME
+        else:
+            emit(kind)
+            emit(item)
+    emit(_END)
+
+
+def _walk_list(parent: str, items: list[Any], emit: Any) -> None:
+    emit(_LIST)
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            emit(item)
+        elif kind is dict:
+            _walk_dict(parent, item, emit)
+        elif kind is list:
+            _walk_list(parent, item, emit)
+        elif isinstance(item, (str, dict, list)):
             raise _Unshaped
-    return type(value).__name__, value
+        else:
+            emit(kind)
+            emit(item)
+    emit(_END)
 
 
 def _parses(value: str) -> bool:

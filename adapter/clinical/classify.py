@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import date, timedelta
 
 from adapter.mappings import Band, Thresholds
@@ -32,6 +33,8 @@ def patient_age_band(patient: Patient | None, effective: date, pediatric: bool =
     if patient is None:
         return AgeBand.UNKNOWN
     youngest = age_band(patient.born_latest, effective, pediatric)
+    if patient.born_earliest == patient.born_latest:  # a full birthDate (nearly always): one band
+        return youngest
     oldest = age_band(patient.born_earliest, effective, pediatric)
     if youngest == oldest:
         return youngest
@@ -41,7 +44,17 @@ def patient_age_band(patient: Patient | None, effective: date, pediatric: bool =
 
 
 def _table(band: AgeBand, thresholds: Thresholds) -> Band:
-    return {AgeBand.NEONATE: thresholds.neonate, AgeBand.INFANT: thresholds.infant}.get(band, thresholds.adult)
+    if band == AgeBand.NEONATE:
+        return thresholds.neonate
+    if band == AgeBand.INFANT:
+        return thresholds.infant
+    return thresholds.adult
+
+
+@functools.lru_cache(maxsize=64)
+def _grades(bounds: tuple[tuple[str, float], ...]) -> tuple[tuple[Grade, float], ...]:
+    # A table's grades looked up once, not on every count graded.
+    return tuple((Grade(name), bound) for name, bound in bounds)
 
 
 def classify(
@@ -58,7 +71,7 @@ def classify(
         normal = Grade.CTCAE_0
     else:
         chosen = _table(band, thresholds)
-        grades = tuple((Grade(name), bound) for name, bound in chosen.bounds)
+        grades = _grades(chosen.bounds)
         normal = Grade.NORMAL
         if chosen.note:
             notes.append(chosen.note)
@@ -72,7 +85,7 @@ def classify(
 
 
 def _ctcae_band(ctcae: Band, lln_per_ul: float) -> tuple[tuple[Grade, float], ...]:
-    grades = tuple((Grade(name), bound) for name, bound in ctcae.bounds)
+    grades = _grades(ctcae.bounds)
     # CTCAE grade 1 is "< LLN - 1500": it exists only when the LLN lies above grade 2's bound.
     if lln_per_ul > grades[-1][1]:
         grades += ((Grade.CTCAE_1, lln_per_ul),)

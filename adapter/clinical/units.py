@@ -15,6 +15,7 @@ from adapter.model import Count, Quarantine, Reason
 
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 COMPARATORS = ("<", "<=", ">=", ">")
+_EXACT_OR_COMPARATOR = ("", *COMPARATORS)
 
 # UCUM metric prefixes that make sense in front of a volume (UCUM §2.1, table 1).
 _PREFIX = {
@@ -57,6 +58,13 @@ def ucum_factor(code: str) -> Fraction | None:
     return factor / microlitres
 
 
+@functools.lru_cache(maxsize=4096)
+def _ucum_float(code: str) -> float | None:
+    # float(Fraction) on every Observation read cost more than the cached parse it converts.
+    factor = ucum_factor(code)
+    return None if factor is None else float(factor)
+
+
 def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> float | Quarantine:
     """Prefer the UCUM code when the system is UCUM; fall back to the human-readable `unit`.
     (Reads JSON as parsed: `dict`, whose isinstance check is far cheaper than an ABC's.)"""
@@ -66,9 +74,9 @@ def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> fl
     if isinstance(quantity.get("unit"), str):
         candidates.append(quantity["unit"])
     for spelling in candidates:
-        factor = ucum_factor(spelling)
+        factor = _ucum_float(spelling)
         if factor is not None:
-            return float(factor)
+            return factor
         alias = aliases.get(spelling.strip())
         if alias is not None:
             return float(alias)
@@ -90,7 +98,7 @@ def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float
     if not math.isfinite(value):
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a finite number")
     comparator = quantity.get("comparator", "")
-    if comparator not in ("", *COMPARATORS):
+    if comparator not in _EXACT_OR_COMPARATOR:
         return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"comparator {comparator!r}")
     factor = unit_factor(quantity, aliases)
     if isinstance(factor, Quarantine):

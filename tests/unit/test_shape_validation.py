@@ -117,3 +117,88 @@ def test_an_invalid_resource_is_refused_even_after_its_shape_was_seen_valid():
                    {**flag(), "status": "not a code  "}):
         with pytest.raises(ValidationError):
             writeback._validated("Flag", copy.deepcopy(broken))
+
+
+def nested_shape(parent, value, key=""):
+    """The shape as nested tuples: the plain statement of what writeback._shape's flat tokens encode."""
+    if isinstance(value, dict):
+        return ("{}",) + tuple((k, nested_shape(key or parent, v, k)) for k, v in value.items())
+    if isinstance(value, list):
+        return ("[]",) + tuple(nested_shape(key or parent, v) for v in value)
+    if isinstance(value, str) and key:
+        if (parent, key) in writeback._STRING_LEAVES:
+            if value and value.isprintable():
+                return "<text>"
+            raise writeback._Unshaped
+        if (parent, key) in writeback._DATETIME_LEAVES:
+            if writeback._INSTANT.fullmatch(value) and writeback._parses(value):
+                return "<dateTime>"
+            raise writeback._Unshaped
+    return type(value).__name__, value
+
+
+def nested(resource):
+    try:
+        return nested_shape("", resource)
+    except writeback._Unshaped:
+        return None
+
+
+# Few keys and few leaves, so that different resources often share a shape or nearly do: where a varying
+# leaf sits (and where it does not), empty and nested containers next to each other, 1 / True / 1.0 / "1".
+keys = st.sampled_from(["", "code", "text", "period", "start", "end", "identifier", "value", "subject",
+                        "reference", "occurrenceDateTime", "status"])
+leaves = st.sampled_from(["", "a", "b", "1", "\x00", "2026-11-01T08:00:00Z", "2026-11-02T08:00:00+01:00",
+                          "2026-02-30T08:00:00Z", 1, 1.0, True, False, 0, None])
+trees = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                     st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
+
+
+def decoded(tokens):
+    """Read the flat tokens back into the nested form: if this always gives the nested shape, two
+    resources with one flat shape have one nested shape."""
+    position = 1
+
+    def value():
+        nonlocal position
+        token = tokens[position]
+        position += 1
+        if token is writeback._DICT:
+            items = []
+            while tokens[position] is not writeback._END:
+                key = tokens[position]
+                position += 1
+                items.append((key, value()))
+            position += 1
+            return ("{}",) + tuple(items)
+        if token is writeback._LIST:
+            items = []
+            while tokens[position] is not writeback._END:
+                items.append(value())
+            position += 1
+            return ("[]",) + tuple(items)
+        if token is writeback._TEXT:
+            return "<text>"
+        if token is writeback._DATETIME:
+            return "<dateTime>"
+        if type(token) is str:
+            return "str", token
+        position += 1
+        return token.__name__, tokens[position - 1]
+
+    shape = value()
+    assert position == len(tokens)
+    return shape
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(resources=st.lists(st.dictionaries(keys, trees, max_size=4), min_size=2, max_size=6))
+def test_two_resources_share_a_flat_shape_exactly_when_they_share_the_nested_one(resources):
+    flat = [writeback._shape("Flag", r) for r in resources]
+    plain = [nested(r) for r in resources]
+    for a in range(len(resources)):
+        assert (flat[a] is None) == (plain[a] is None)
+        assert flat[a] is None or decoded(flat[a]) == plain[a]
+        for b in range(len(resources)):
+            if flat[a] is not None and flat[b] is not None:
+                assert (flat[a] == flat[b]) == (plain[a] == plain[b])

@@ -60,3 +60,29 @@ def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean(stat
     assert state.seen_before_in_pass("o1") is True
     state.start_pass()
     assert state.seen_before_in_pass("o1") is False
+
+
+def test_written_inside_a_transaction_follows_every_write_and_a_rollback():
+    from adapter.state import Written
+
+    state = State(sqlite3.connect(":memory:", isolation_level=None))
+    first = Written("Flag", "p/o1", "p", "active", "h1", None, ("o1",))
+    with state.transaction():
+        assert state.written("p", "Flag") == []  # asked once: kept for the transaction
+        state.record_written(first, NOW)
+        assert state.written("p", "Flag") == [first]
+        state.written("p", "Flag").clear()  # a caller's list is its own
+        moved = Written("Flag", "p/o1", "q", "active", "h2", None, ("o1",))  # the same identifier, re-filed
+        state.record_written(moved, NOW)
+        assert (state.written("p", "Flag"), state.written("q", "Flag")) == ([], [moved])
+    try:
+        with state.transaction():
+            assert state.written("q", "Flag") == [moved]
+            state.record_written(first, NOW)
+            assert state.written("p", "Flag") == [first]
+            raise RuntimeError("the server refused the page")
+    except RuntimeError:
+        pass
+    assert (state.written("p", "Flag"), state.written("q", "Flag")) == ([], [moved])
+    with state.transaction():
+        assert state.written("p", "Flag") == []
