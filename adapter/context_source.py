@@ -20,7 +20,12 @@ from adapter.mappings import ContextMappings
 
 log = logging.getLogger(__name__)
 
-BATCH = 50  # patients per search: comma-separated subjects, kept well within URL length limits
+# Patients per search: comma-separated subjects, at most BATCH and SUBJECT_CHARS characters of them, so the
+# URL stays well within server limits however long the ids. A search's own cost on the server is mostly
+# per request (measured on Sekmet, 1,900 patients: 152 requests of 50 took 0.35 s of its CPU, 40 of 200
+# took 0.18 s).
+BATCH = 200
+SUBJECT_CHARS = 3500
 # The date search parameter of each type (R4): a bound keeps a long stay's every vital sign out of a read.
 _DATE_PARAM = {"Observation": "date", "MedicationAdministration": "effective-time",
                "MedicationRequest": "authoredon", "Procedure": "date"}
@@ -65,8 +70,7 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
     `declared`: see searchable(); a search the server does not declare is not sent."""
     found = Found()
     ordered = sorted(patients, key=lambda p: (patients[p] is None, patients[p] or datetime.min, p))
-    for start in range(0, len(ordered), BATCH):
-        batch = ordered[start:start + BATCH]  # sorted by time, so one batch's bound suits all its patients
+    for batch in _batches(ordered):  # sorted by time, so one batch's bound suits all its patients
         subjects = ",".join(f"Patient/{p}" for p in batch)
         times = [patients[p] for p in batch]
         around = None if any(t is None for t in times) else min(t for t in times if t is not None)
@@ -95,6 +99,20 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
                                    "error": str(exc)})
     _resolve_medications(client, found)
     return found
+
+
+def _batches(patient_ids: list[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for patient_id in patient_ids:
+        width = len("Patient/,") + len(patient_id)
+        if batch and (len(batch) == BATCH or chars + width > SUBJECT_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(patient_id)
+        chars += width
+    if batch:
+        yield batch
 
 
 def coverage(declared: Mapping[str, frozenset[str]],

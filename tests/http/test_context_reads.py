@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import responses
 
+from adapter import context_source
 from adapter.cli import main
 from builders import anc, patient
 
@@ -111,14 +112,16 @@ def server():
 
 
 def test_context_is_read_in_batches_of_subjects_never_one_request_per_patient(server, tmp_path):
-    server.counts = [anc(f"o{i}", f"p{i:02d}", 0.3) for i in range(60)] + [patient(f"p{i:02d}") for i in range(60)]
+    # (Issue 13 raised the batch from 50 to context_source.BATCH = 200 patients; this test asserted 60 = 50 + 10.)
+    n = context_source.BATCH + 10
+    server.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
     assert run(tmp_path) == 0
     for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
         searches = server.requests(kind)
-        assert len(searches) == 2, kind  # 60 patients: 50 + 10
+        assert len(searches) == 2, kind  # BATCH + 10 patients: BATCH, then 10
         subjects = [s["subject"][0].split(",") for s in searches]
-        assert [len(s) for s in subjects] == [50, 10]
-        assert sorted(p for s in subjects for p in s) == [f"Patient/p{i:02d}" for i in range(60)]
+        assert [len(s) for s in subjects] == [context_source.BATCH, 10]
+        assert sorted(p for s in subjects for p in s) == [f"Patient/p{i:03d}" for i in range(n)]
     assert server.requests("Condition") == []  # no Duffy-null codes configured: nothing to ask
     temperatures = server.requests("Observation")[0]
     assert set(temperatures["code"][0].split(",")) == {"http://loinc.org|8310-5", "http://loinc.org|8331-1"}
@@ -126,7 +129,7 @@ def test_context_is_read_in_batches_of_subjects_never_one_request_per_patient(se
     assert server.requests("MedicationAdministration")[0]["effective-time"] == ["ge2026-10-09T08:00:00Z"]
     assert server.requests("MedicationAdministration")[0]["_include"] == ["MedicationAdministration:medication"]
 
-    # The next run polls the 60 live patients for what changed, again in two batches per type.
+    # The next run polls the live patients for what changed, again in two batches per type.
     calls = len(server.mock.calls)
     assert run(tmp_path) == 0
     polled = [q for q in server.requests("Observation")[2:]]
@@ -232,3 +235,12 @@ def test_context_is_read_only_for_patients_whose_writes_it_can_change(server, tm
     around = [q for q in server.requests("Observation")[before:] if "_lastUpdated" not in q]
     assert [q["subject"] for q in around] == [["Patient/sick"]]  # its Flag closes: its context still counts
     assert server.flags()["Patient/sick"]["status"] == "inactive"
+
+
+def test_a_batch_of_subjects_stays_within_the_url_budget_however_long_the_ids():
+    long_ids = [f"{i:03d}" + "x" * 61 for i in range(120)]  # 64 characters, the longest FHIR id
+    batches = list(context_source._batches(long_ids))
+    assert [p for b in batches for p in b] == long_ids  # every patient once, in order
+    assert all(len(",".join(f"Patient/{p}" for p in b)) <= context_source.SUBJECT_CHARS for b in batches)
+    assert len(batches) == 3  # 48 a request at 73 characters each
+    assert [len(b) for b in context_source._batches([f"p{i}" for i in range(450)])] == [200, 200, 50]
