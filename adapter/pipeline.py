@@ -44,6 +44,7 @@ _RISK_SWEEP = 1000
 # Counts in one batch at most (`Run._read_batch`), so memory stays bounded; a search matching at least this
 # many is a backlog, batched by size.
 _BATCH_OBSERVATIONS = 10_000
+_WRITES_PER_PART = 500  # planned writes sent together while the next part is planned (`Run._settle`)
 
 
 class Sink(Protocol):
@@ -587,11 +588,32 @@ class Run:
         touched.discard("")
         crashpoints.reach("classified")
         self._adopt_flags(sorted(p for p in touched if p in self._abnormal))
-        planned: list[writeback.Planned] = []
-        for patient_id in sorted(touched):
-            planned += self._plan(patient_id)
-        if planned:
-            self._write(planned, now, ahead)
+        # Planned and sent a part at a time: what the run holds is one part's resources, however large the
+        # batch, and the next part is planned (or, after the last, the next page extracted) while the
+        # server works on this one. Parts are whole patients, so planning one never reads what another's
+        # writes change; the batch still commits once, after the server accepted every part.
+        parts = self._planned_parts(sorted(touched))
+        part = next(parts, None)
+        while part is not None:
+            following: list[list[writeback.Planned] | None] = []
+
+            def meanwhile() -> None:
+                following.append(next(parts, None))
+                if following[0] is None and ahead:
+                    self._ahead = {id(r): (r, self._extract(r)) for r in ahead}
+
+            self._write(part, now, meanwhile)
+            part = following[0] if following else next(parts, None)
+
+    def _planned_parts(self, patient_ids: list[str]) -> Iterator[list[writeback.Planned]]:
+        part: list[writeback.Planned] = []
+        for patient_id in patient_ids:
+            part += self._plan(patient_id)
+            if len(part) >= _WRITES_PER_PART:
+                yield part
+                part = []
+        if part:
+            yield part
 
     def _adopt_flags(self, patient_ids: list[str]) -> None:
         """Before a patient's first Flag is written, look on the server for Flags of ours that state does
@@ -663,15 +685,16 @@ class Run:
             self._failing.discard(patient_id)
         return mine
 
-    def _write(self, planned: list[writeback.Planned], now: str, ahead: list[dict[str, Any]] = ()) -> None:
-        """Send the batch's writes as one bundle. If the server refuses it for good (a 4xx), send each
+    def _write(self, planned: list[writeback.Planned], now: str, meanwhile: Callable[[], None] = lambda: None) -> None:
+        """Send these writes as one bundle (split only when larger than the server takes), doing `meanwhile`
+        while it is in flight. If the server refuses it for good (a 4xx), send each
         patient's writes alone, so one patient the server will not accept (a merged Patient, a validator
         rule) does not stop every other patient's alerts; the refused ones are kept in state with the
         reason, shown by `status`, and tried again on every run."""
         to_send = [p for p in planned if p.send]
         refused: set[str] = set()
         try:
-            results = self._send(to_send, ahead) if to_send else []
+            results = self._send(to_send, meanwhile)
         except PermanentHttpError as exc:
             if exc.status in _NOT_ABOUT_A_PATIENT:
                 raise  # the endpoint or the bundle itself was refused: no patient is to blame
@@ -701,14 +724,17 @@ class Run:
         for bookkeeping in (p for p in planned if not p.send and p.patient_id not in refused):
             self.state.record_written(bookkeeping.written(None), now)
 
-    def _send(self, to_send: list[writeback.Planned], ahead: list[dict[str, Any]]) -> list[tuple[Written, bool]]:
-        """Send; with the next page already read, extract it while the server works on the writes, so our
-        CPU and the server's overlap instead of taking turns. (Extraction is pure: nothing it does depends
-        on whether the server accepts.) What the send raises is raised here, after the extraction."""
-        if not ahead or not getattr(self.sink, "overlaps", False):
-            return self.sink.send(to_send)
+    def _send(self, to_send: list[writeback.Planned], meanwhile: Callable[[], None]) -> list[tuple[Written, bool]]:
+        """Send, and do `meanwhile` (plan the next part, extract the next page) while the server works on
+        the writes, so our CPU and the server's overlap instead of taking turns: nothing it does depends on
+        whether the server accepts. What the send raises is raised here, after `meanwhile`. A sink that
+        touches state (a dry run's review) sends first, in this thread."""
+        if not to_send or not getattr(self.sink, "overlaps", False):
+            results = self.sink.send(to_send) if to_send else []
+            meanwhile()
+            return results
         pending = in_background(self.sink.send, to_send)
-        self._ahead = {id(r): (r, self._extract(r)) for r in ahead}
+        meanwhile()
         return pending.result()
 
     def _extract(self, resource: dict[str, Any]) -> extract.Extracted | None:

@@ -178,3 +178,34 @@ def test_a_backlog_is_batched_by_size_and_a_routine_poll_page_by_page(tmp_path, 
             code, summary = run_once(config(tmp_path / str(pages)), tmp_path / f"{pages}.sqlite3", "r1")
             assert code == 0 and summary.complete and summary.pages == pages
             assert len(posted(mock)) == writes, pages
+
+
+def test_a_large_batch_is_planned_and_sent_a_part_at_a_time_the_next_planned_during_the_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_WRITES_PER_PART", 2)
+    planned: list[str] = []
+    plan = pipeline.Run._plan
+
+    def watched(self, patient_id):
+        planned.append(patient_id)
+        return plan(self, patient_id)
+
+    monkeypatch.setattr(pipeline.Run, "_plan", watched)
+    planned_while_writing: list[list[str]] = []
+
+    def on_write():
+        # The first part (p0, p1) is in flight: the second (p2, p3) is planned meanwhile, not the third.
+        if not planned_while_writing:
+            for _ in range(300):  # the main thread plans the next part now; 30 s only guards against a hang
+                if len(planned) >= 4:
+                    break
+                threading.Event().wait(0.1)
+            planned_while_writing.append(list(planned))
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        server = FakeServer(mock, on_write=on_write)
+        server.pages = [[observation(f"o{k}", f"p{k}", 0.4, stamp(k)) for k in range(6)]]
+        code, summary = run_once(config(tmp_path), tmp_path / "s.sqlite3", "r1")
+        assert code == 0 and summary.complete and summary.created == 6
+        assert [sorted(e["resource"]["subject"]["reference"] for e in b["entry"]) for b in posted(mock)] == [
+            ["Patient/p0", "Patient/p1"], ["Patient/p2", "Patient/p3"], ["Patient/p4", "Patient/p5"]]
+        assert planned_while_writing == [["p0", "p1", "p2", "p3"]]
