@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from adapter import source
 from adapter.config import ContextConfig
 from adapter.errors import AuthError, FhirError
 from adapter.fhir.client import FhirClient
@@ -102,17 +103,7 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
 
 
 def _batches(patient_ids: list[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for patient_id in patient_ids:
-        width = len("Patient/,") + len(patient_id)
-        if batch and (len(batch) == BATCH or chars + width > SUBJECT_CHARS):
-            yield batch
-            batch, chars = [], 0
-        batch.append(patient_id)
-        chars += width
-    if batch:
-        yield batch
+    return source.url_batches(patient_ids, BATCH, SUBJECT_CHARS, prefix="Patient/")
 
 
 def coverage(declared: Mapping[str, frozenset[str]],

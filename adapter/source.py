@@ -80,7 +80,7 @@ def deleted(client: FhirClient, observation_ids: Iterable[str], max_reads: int =
     would be worse than keeping it one more run. At most `max_reads` reads per call: a mass deletion
     drains over a few runs instead of one burst."""
     missing: list[str] = []
-    for batch in _id_batches(observation_ids):
+    for batch in url_batches(observation_ids, ID_BATCH, _ID_CHARS):
         params = {"_id": ",".join(batch), "_count": len(batch), "_elements": "id"}
         found = {r.get("id") for bundle in client.search("Observation", params)
                  for r in (e.get("resource") for e in bundle.get("entry") or [] if isinstance(e, dict))
@@ -105,15 +105,19 @@ def deleted(client: FhirClient, observation_ids: Iterable[str], max_reads: int =
     return gone
 
 
-def _id_batches(observation_ids: Iterable[str]) -> Iterator[list[str]]:
+def url_batches(values: Iterable[str], most: int, max_chars: int, prefix: str = "") -> Iterator[list[str]]:
+    """Consecutive groups of at most `most` values whose comma-separated list (each value after `prefix`,
+    as in `subject=Patient/a,Patient/b`) stays within `max_chars`: a search parameter that keeps the URL
+    well within server limits however long the ids."""
     batch: list[str] = []
     chars = 0
-    for observation_id in observation_ids:
-        if batch and (len(batch) == ID_BATCH or chars + len(observation_id) + 1 > _ID_CHARS):
+    for value in values:
+        width = len(prefix) + len(value) + 1
+        if batch and (len(batch) == most or chars + width > max_chars):
             yield batch
             batch, chars = [], 0
-        batch.append(observation_id)
-        chars += len(observation_id) + 1
+        batch.append(value)
+        chars += width
     if batch:
         yield batch
 
