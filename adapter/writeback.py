@@ -542,15 +542,8 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
                     emit(_DATETIME)
                     continue
             emit(item)
-        elif kind is dict:
-            _walk_dict(key or parent, item, emit)
-        elif kind is list:
-            _walk_list(key or parent, item, emit)
-        elif isinstance(item, (str, dict, list)):
-            raise _Unshaped
         else:
-            emit(kind)
-            emit(item)
+            _walk_value(key or parent, item, kind, emit)
     emit(_END)
 
 
@@ -559,17 +552,24 @@ def _walk_list(parent: str, items: list[Any], emit: Any) -> None:
     for item in items:
         kind = type(item)
         if kind is str:
-            emit(item)
-        elif kind is dict:
-            _walk_dict(parent, item, emit)
-        elif kind is list:
-            _walk_list(parent, item, emit)
-        elif isinstance(item, (str, dict, list)):
-            raise _Unshaped
+            emit(item)  # a list's strings are never varying leaves
         else:
-            emit(kind)
-            emit(item)
+            _walk_value(parent, item, kind, emit)
     emit(_END)
+
+
+def _walk_value(parent: str, item: Any, kind: type, emit: Any) -> None:
+    """Anything but a plain string: a dict or list walked, a subclass of one left to the model, any other
+    leaf kept with its type."""
+    if kind is dict:
+        _walk_dict(parent, item, emit)
+    elif kind is list:
+        _walk_list(parent, item, emit)
+    elif isinstance(item, (str, dict, list)):
+        raise _Unshaped
+    else:
+        emit(kind)
+        emit(item)
 
 
 def _parses(value: str) -> bool:
