@@ -324,7 +324,8 @@ class Run:
                 self.patients.add(page.patients)
                 self.summary.malformed += page.malformed
                 self._record_all(page.observations, retry=False)
-                subjects.update(_subject(r) for r in page.observations)
+                if not size:  # only batching by shared patients asks who they are
+                    subjects.update(_subject(r) for r in page.observations)
                 recorded += len(page.observations)
                 if self.on_page:
                     self.on_page(self.summary, page.total)
@@ -592,20 +593,15 @@ class Run:
         # batch, and the next part is planned (or, after the last, the next page extracted) while the
         # server works on this one. Parts are whole patients, so planning one never reads what another's
         # writes change; the batch still commits once, after the server accepted every part.
-        parts = self._planned_parts(sorted(touched))
+        parts = self._planned_parts(sorted(touched), ahead)
         part = next(parts, None)
         while part is not None:
             following: list[list[writeback.Planned] | None] = []
+            self._write(part, now, lambda: following.append(next(parts, None)))
+            part = following[0] if following else next(parts, None)  # the send failed before `meanwhile`
 
-            def meanwhile() -> None:
-                following.append(next(parts, None))
-                if following[0] is None and ahead:
-                    self._ahead = {id(r): (r, self._extract(r)) for r in ahead}
-
-            self._write(part, now, meanwhile)
-            part = following[0] if following else next(parts, None)
-
-    def _planned_parts(self, patient_ids: list[str]) -> Iterator[list[writeback.Planned]]:
+    def _planned_parts(self, patient_ids: list[str],
+                       ahead: list[dict[str, Any]]) -> Iterator[list[writeback.Planned]]:
         part: list[writeback.Planned] = []
         for patient_id in patient_ids:
             part += self._plan(patient_id)
@@ -614,6 +610,8 @@ class Run:
                 part = []
         if part:
             yield part
+        # Asked for the part after the last while that one is in flight: the next page's turn.
+        self._ahead = {id(r): (r, self._extract(r)) for r in ahead}
 
     def _adopt_flags(self, patient_ids: list[str]) -> None:
         """Before a patient's first Flag is written, look on the server for Flags of ours that state does
