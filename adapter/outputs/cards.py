@@ -156,7 +156,7 @@ def order_sign(records: PatientRecords, draft_orders: Mapping[str, Any], rules: 
         detail = "\n\n".join(part for part in (
             f"**No absolute neutrophil count in the last {window}** before ordering: {names}.",
             last,
-            _ungraded_line(assessment.ungraded),
+            _left_out_line(assessment.ungraded, _UNGRADED),
             f"Rule: a chemotherapy order needs an ANC from the last {window} (`[serve] order_sign_recent`).",
         ) if part)
         return [_card(summary, "warning", detail, rules)]
@@ -178,8 +178,8 @@ def _detail(headline: str, assessment: Assessment, rules: Rules) -> str:
         _episode_line(assessment.episode),
         *_context_lines(assessment),
         _counts_table(assessment.counts),
-        _ungraded_line(assessment.ungraded),
-        _unread_line(assessment.unread),
+        _left_out_line(assessment.ungraded, _UNGRADED),
+        _left_out_line(assessment.unread, "temperature(s) could not be read and are not used"),
         _notes_line(latest[1]),
         _rule_line(latest, rules, assessment),
     ) if part)
@@ -297,11 +297,14 @@ def _counts_table(counts: Iterable[Graded]) -> str:
     return "Recent counts, newest first:\n\n| Taken | ANC (cells/µL) | Grade |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def _ungraded_line(reasons: tuple[str, ...]) -> str:
+_UNGRADED = "count(s) could not be graded and are not shown"
+
+
+def _left_out_line(reasons: tuple[str, ...], what: str) -> str:
+    """How many inputs were left out, and why (quarantine reasons, never the values)."""
     if not reasons:
         return ""
-    return (f"{len(reasons)} count(s) could not be graded and are not shown "
-            f"({', '.join(sorted(set(reasons)))}).")
+    return f"{len(reasons)} {what} ({', '.join(sorted(set(reasons)))})."
 
 
 def _fever_short(fever: Fever) -> str:
@@ -341,13 +344,6 @@ def _context_lines(assessment: Assessment) -> list[str]:
         lines.append(f"Site-marked Duffy-null threshold: normal from {latest.duffy_null_floor:g} cells/µL "
                      "(the site marks this patient; never inferred).")
     return lines
-
-
-def _unread_line(reasons: tuple[str, ...]) -> str:
-    if not reasons:
-        return ""
-    return (f"{len(reasons)} temperature(s) could not be read and are not used "
-            f"({', '.join(sorted(set(reasons)))}).")
 
 
 def _notes_line(result: Classification) -> str:
