@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset import patients_and_observations  # noqa: E402
+from dataset import OBSERVATIONS_PER_PATIENT, patients_and_observations  # noqa: E402
 
 from adapter.config import OutputConfig  # noqa: E402
 from adapter.localserver import sekmet, sekmet_process  # noqa: E402
@@ -46,7 +46,7 @@ def in_load_order(n: int, spread: bool):
         if resource["resourceType"] == "Patient":
             yield resource
         else:
-            rounds.setdefault(int(resource["id"][2:]) % 4, []).append(resource)
+            rounds.setdefault(int(resource["id"][2:]) % OBSERVATIONS_PER_PATIENT, []).append(resource)  # "bo<n>"
     for k in sorted(rounds):
         yield from rounds[k]
 

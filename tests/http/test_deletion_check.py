@@ -16,14 +16,8 @@ from adapter.cli import main
 from adapter.errors import PermanentHttpError
 from adapter.fhir.client import FhirClient, RetryPolicy
 from builders import anc, patient
+from test_pipeline import BASE, CAPABILITY
 
-BASE = "https://fhir.example.org/r4"
-CAPABILITY = {
-    "resourceType": "CapabilityStatement",
-    "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
-        {"type": "Flag", "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]},
-    ]}],
-}
 OBSERVATION_READ = re.compile(rf"{re.escape(BASE)}/Observation/[^/?]+$")
 
 
