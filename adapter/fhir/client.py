@@ -131,7 +131,7 @@ class FhirClient:
         with self._count_lock:
             held, self._held = self._held, set()
         for permit in held:
-            permit.grant()
+            permit.set()
 
     def get(self, path_or_url: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("GET", self._url(path_or_url), params=params)
@@ -181,11 +181,11 @@ class FhirClient:
                         with self._count_lock:
                             self._held.add(permit)
                     else:
-                        permit.grant()
+                        permit.set()
                     pending = in_background(self._prefetch, permit, url)
                 yield bundle
                 if url is not None:
-                    permit.grant()  # asked for: it goes now, held or not
+                    permit.set()  # asked for: it goes now, held or not
                 if refused is not None:
                     raise refused
                 if looped:
@@ -196,9 +196,9 @@ class FhirClient:
         finally:
             # A search ended early lets its prefetch finish first, as before (a held one is not sent at
             # all); after a stop it is left to its daemon thread (a read: nothing depends on it).
-            if permit is not None and not permit.granted:
+            if permit is not None and not permit.is_set():
                 permit.cancelled = True  # never sent: its thread returns at once
-                permit.grant()
+                permit.set()
                 with self._count_lock:
                     self._held.discard(permit)
             while not pending.done() and not self._stopping():
@@ -326,22 +326,10 @@ class FhirClient:
         return parsed
 
 
-class _Permit:
-    """A prefetch's permission to be sent."""
+class _Permit(threading.Event):
+    """A prefetch's permission to be sent (set); cancelled when its search ended before granting it."""
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.cancelled = False
-
-    @property
-    def granted(self) -> bool:
-        return self._event.is_set()
-
-    def grant(self) -> None:
-        self._event.set()
-
-    def wait(self) -> None:
-        self._event.wait()
+    cancelled = False
 
 
 def in_background(call: Callable[..., Any], *args: Any) -> Future:
