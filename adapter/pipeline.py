@@ -313,7 +313,6 @@ class Run:
         size = self.config.poll.batch_observations or (_BATCH_OBSERVATIONS if self._backlog else 0)
         cap = size or _BATCH_OBSERVATIONS
         self._begin_batch()
-        self._batch_max = None
         subjects: set[Any] = set()
         recorded = 0
         page, ahead, ended = first, None, None
@@ -553,6 +552,7 @@ class Run:
         self._abnormal = set()  # patients with an abnormal count graded in this batch
         self._graded_at = {}
         self._groups: set[tuple[str, datetime]] = set()
+        self._batch_max = None
 
     def _record_all(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         observations = list(observations)
