@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import orjson
 import requests
 from tenacity import (
     RetryCallState,
@@ -247,7 +248,8 @@ class FhirClient:
                    stream: bool, body: Any = None) -> requests.Response:
         """One try: the response when it is not an error; else the error type the retry policy reads."""
         try:
-            response = self.session.request(method, url, params=params, json=body, headers=headers,
+            response = self.session.request(method, url, params=params,
+                                            data=None if body is None else orjson.dumps(body), headers=headers,
                                             stream=stream, timeout=self.timeout_s)
         except requests.exceptions.SSLError as exc:
             self._count("error")
@@ -317,7 +319,7 @@ class FhirClient:
         response = self._send_once(method, url, params, headers, stream=False, body=body)
         status = response.status_code
         try:
-            parsed = response.json()
+            parsed = _parsed(response)
         except (ValueError, json.JSONDecodeError):
             # A proxy's HTML page or a body cut short: worth another try, then exit 3.
             raise TransientHttpError(f"{method} answered {status} with a body that is not JSON") from None
@@ -418,6 +420,18 @@ class _wait_honouring_retry_after:
         if isinstance(exc, TransientHttpError) and exc.retry_after_s is not None:
             return min(exc.retry_after_s, self.cap_s)
         return self.fallback(state)
+
+
+def _parsed(response: requests.Response) -> Any:
+    """The body as JSON. orjson parses a page of Observations in about half the time of the standard
+    library. What it refuses and the standard library reads (NaN, a lone surrogate, a byte-order mark,
+    another encoding than UTF-8) goes to the standard library, as before, so we read all we read before.
+    The one silent difference: an integer beyond 64 bits comes back a float, not an int; no element we
+    read holds one that could be plausible (a count, a temperature, a Bundle.total)."""
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.json()
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -234,3 +235,30 @@ def test_a_held_prefetch_is_sent_on_release_or_when_its_page_is_asked_for_and_ne
         next(pages)
     pages.close()  # held and never released: not sent at all
     assert [c.request.url.split("?")[0] for c in responses.calls].count(f"{BASE}/p2") == 1  # only the first search sent it
+
+
+@responses.activate
+def test_bodies_orjson_refuses_are_read_as_the_standard_library_reads_them():
+    # NaN and a byte-order mark are not JSON; we read them all the same (liberal in what we read), and a
+    # NaN count is then quarantined, not a failed run.
+    responses.get(f"{BASE}/Observation/nan", body='{"resourceType": "Observation", "valueQuantity": {"value": NaN}}',
+                  content_type="application/fhir+json")
+    responses.get(f"{BASE}/Observation/bom", body='\ufeff{"resourceType": "Observation", "id": "bom"}'.encode(),
+                  content_type="application/fhir+json")
+    fhir, _ = client()
+    value = fhir.get("Observation/nan")["valueQuantity"]["value"]
+    assert value != value  # NaN
+    assert fhir.get("Observation/bom")["id"] == "bom"
+
+
+@responses.activate
+def test_a_request_body_is_sent_as_utf8_json_that_reads_back_equal():
+    sent = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Flag", "code": {"text": "ANC 450 cells/µL ≥ 38.0 °C"}},
+         "request": {"method": "PUT", "url": "Flag?identifier=s|p/o"}}]}
+    responses.post(BASE, json={"resourceType": "Bundle", "type": "transaction-response", "entry": []})
+    fhir, _ = client()
+    fhir.transaction(sent)
+    request = responses.calls[0].request
+    assert request.headers["Content-Type"] == "application/fhir+json"
+    assert json.loads(request.body.decode("utf-8")) == sent
