@@ -142,8 +142,10 @@ class FhirClient:
         return self._call("PUT", self._url(path), body=resource)
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """POST a transaction/batch Bundle. Retried: every entry we send is a conditional (idempotent) write."""
-        return self._call("POST", self.base_url, body=bundle)
+        """POST a transaction/batch Bundle. Retried: every entry we send is a conditional (idempotent) write.
+        `Prefer: return=minimal`: each entry's status and location are all we read of the answer; without it a
+        server echoes every resource we sent, which it must serialise and we must parse."""
+        return self._call("POST", self.base_url, body=bundle, minimal=True)
 
     def search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Yield search result pages (Bundles), following `next` exactly as given (CONTRACT §3).
@@ -270,8 +272,8 @@ class FhirClient:
                 )
             raise PermanentHttpError(f"{method} answered {status}{_outcome_summary(response)}", status=status)
 
-    def _call(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
-        return self._guarded(self._attempts, method, url, params, body)
+    def _call(self, method: str, url: str, params: Any = None, body: Any = None, minimal: bool = False) -> dict[str, Any]:
+        return self._guarded(self._attempts, method, url, params, body, minimal)
 
     def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
         if self.stop is None:
@@ -291,8 +293,9 @@ class FhirClient:
                 wait([pending], timeout=_STOP_POLL_S)
         return pending.result()
 
-    def _attempts(self, method: str, url: str, params: Any = None, body: Any = None) -> dict[str, Any]:
-        return self._retrying()(self._once, method, url, params, body)
+    def _attempts(self, method: str, url: str, params: Any = None, body: Any = None,
+                  minimal: bool = False) -> dict[str, Any]:
+        return self._retrying()(self._once, method, url, params, body, minimal)
 
     def _retrying(self) -> Retrying:
         return Retrying(
@@ -314,8 +317,10 @@ class FhirClient:
         else:
             self._sleep(seconds)
 
-    def _once(self, method: str, url: str, params: Any, body: Any) -> dict[str, Any]:
+    def _once(self, method: str, url: str, params: Any, body: Any, minimal: bool = False) -> dict[str, Any]:
         headers = {"Content-Type": FHIR_JSON} if body is not None else None
+        if minimal:
+            headers = {**(headers or {}), "Prefer": "return=minimal"}
         response = self._send_once(method, url, params, headers, stream=False, body=body)
         status = response.status_code
         try:

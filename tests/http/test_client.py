@@ -252,7 +252,7 @@ def test_bodies_orjson_refuses_are_read_as_the_standard_library_reads_them():
 
 
 @responses.activate
-def test_a_request_body_is_sent_as_utf8_json_that_reads_back_equal():
+def test_a_transaction_is_sent_as_utf8_json_that_reads_back_equal_asking_for_a_minimal_answer():
     sent = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Flag", "code": {"text": "ANC 450 cells/µL ≥ 38.0 °C"}},
          "request": {"method": "PUT", "url": "Flag?identifier=s|p/o"}}]}
@@ -261,4 +261,5 @@ def test_a_request_body_is_sent_as_utf8_json_that_reads_back_equal():
     fhir.transaction(sent)
     request = responses.calls[0].request
     assert request.headers["Content-Type"] == "application/fhir+json"
+    assert request.headers["Prefer"] == "return=minimal"  # status and location are all we read
     assert json.loads(request.body.decode("utf-8")) == sent
