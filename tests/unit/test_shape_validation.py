@@ -5,6 +5,7 @@ the model accepts."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import timezone
 
 import pytest
@@ -202,3 +203,46 @@ def test_two_resources_share_a_flat_shape_exactly_when_they_share_the_nested_one
         for b in range(len(resources)):
             if flat[a] is not None and flat[b] is not None:
                 assert (flat[a] == flat[b]) == (plain[a] == plain[b])
+
+
+def planned_flag(n: int, status: str = "active") -> writeback.Planned:
+    resource = flag(f"Patient/p{n}", f"p{n}/o{n}")
+    return writeback.Planned("Flag", f"p{n}/o{n}", f"p{n}", status, "h", resource)
+
+
+OUTPUT = writeback.Output(system_base=SYSTEM, profile="clinical")
+
+
+@given(st.text(max_size=12))
+def test_every_plain_uri_is_one_the_bundle_model_accepts(text):
+    from fhir.resources.R4B.bundle import Bundle
+
+    if writeback._PLAIN_URI.fullmatch(text):
+        Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": text, "request": {"method": "PUT", "url": text}}]})
+
+
+def test_a_transaction_validates_one_envelope_of_each_form(monkeypatch):
+    seen = []
+    real = writeback.Bundle
+
+    class Counting:
+        @staticmethod
+        def model_validate(bundle):
+            seen.append(len(bundle["entry"]))
+            return real.model_validate(bundle)
+
+    monkeypatch.setattr(writeback, "Bundle", Counting)
+    bundle = writeback.transaction([planned_flag(n) for n in range(40)], OUTPUT)
+    assert len(bundle["entry"]) == 40 and seen == [1]
+    by_id = [*map(planned_flag, range(3)), dataclasses.replace(planned_flag(3), server_id="known-id")]
+    writeback.transaction(by_id, OUTPUT)  # conditional PUTs and one PUT by id: still one form (uris alike)
+    assert seen[-1] == 1
+
+
+def test_an_envelope_outside_the_plain_form_is_validated_itself():
+    odd = [planned_flag(n) for n in range(3)]
+    odd[1] = dataclasses.replace(odd[1], identifier="p1/o 1")  # a space in the conditional url
+    forms = {writeback._envelope_form({k: v for k, v in e.items() if k != "resource"})
+             for e in writeback.transaction(odd, OUTPUT)["entry"]}
+    assert len(forms) == 2
