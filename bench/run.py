@@ -145,8 +145,11 @@ def write_once(base_url: str, flags: list[dict]) -> int:
             body = {k: v for k, v in flag.items() if k not in ("id", "meta")}
             value = next(i["value"] for i in body["identifier"] if i["system"] == system)
             entries.append({"resource": body, "request": {"method": "PUT", "url": f"Flag?identifier={system}|{value}"}})
-        response = session.post(base_url, json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
-                                headers={"Content-Type": "application/fhir+json"}, timeout=600)
+        # Compact JSON and a minimal answer, as the adapter sends: the least work is the least for the server.
+        body = json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        response = session.post(base_url, data=body, timeout=600,
+                                headers={"Content-Type": "application/fhir+json", "Prefer": "return=minimal"})
         response.raise_for_status()
         requests_made += 1
     return requests_made
@@ -177,10 +180,14 @@ def bare_search(base_url: str, page_size: int, since: str | None = None) -> dict
 def least_work(db: Path, page_size: int, flags: list[dict]) -> dict:
     with sekmet_process(database=str(db)) as (base_url, server):
         before = server_cpu(server.pid)
+        client_started = time.process_time()
         bare = bare_search(base_url, page_size)
         read = server_cpu(server.pid)
         bare["write_requests"] = write_once(base_url, flags)
         written = server_cpu(server.pid)
+        # The least client's own CPU (requests + the standard library's json, nothing else): a scale for the
+        # adapter's, since no client that reads and writes this much can spend less than about this.
+        bare["client_cpu_s"] = time.process_time() - client_started
         # Not part of the least work: the same pages with the first run's filter (now - 7 days, as
         # [poll] lookback_first_run), which the adapter's search carries.
         since = (datetime.now(timezone.utc) - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -265,8 +272,8 @@ def table(result: dict) -> str:
         ("observations per second", f"{rate(adapter):,.0f}", f"{floor_rate:,.0f}", f"{rate(naive):,.0f}"),
         ("throughput / floor", f"{rate(adapter) / floor_rate:.2f}", "1.00", f"{rate(naive) / floor_rate:.2f}"),
         ("client CPU µs per observation (whole process)", f"{cpu_us(adapter):,.0f}", "-", f"{cpu_us(naive):,.0f}"),
-        ("client CPU µs per observation (net of start-up)", f"{cpu_us(adapter, result['fixed_cpu_s']):,.0f}", "-",
-         f"{cpu_us(naive):,.0f}"),
+        ("client CPU µs per observation (net of start-up)", f"{cpu_us(adapter, result['fixed_cpu_s']):,.0f}",
+         f"{1e6 * least['client_cpu_s'] / max(least['observations'], 1):,.0f}", f"{cpu_us(naive):,.0f}"),
         ("HTTP requests per 1,000 observations", f"{per_k(adapter):,.1f}",
          f"{1000 * least_requests / max(least['observations'], 1):,.1f}", f"{per_k(naive):,.1f}"),
         ("Flag writes (distinct Flags)", f"{adapter['writes']:,} ({adapter['flags']:,})", f"{adapter['flags']:,}", "-"),
