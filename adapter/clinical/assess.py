@@ -101,6 +101,10 @@ def priority(grade: Grade, febrile: bool) -> str:
 def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessment:
     ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
     marked = rules.duffy_null and bool(facts.duffy_null_markers)
+    # Without a temperature or a chemotherapy record read for the patient there is nothing to find near
+    # any count: asked once per patient instead of once per count.
+    febrile = rules.febrile and bool(facts.temperatures)
+    after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
     exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
     counts = []
     for reading, result in ordered:
@@ -112,20 +116,20 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
             projected = context.projection(exact, (reading.observation_id, reading.effective,
                                                    reading.count.anc_per_ul), rules.febrile_rules)
         found = None
-        if rules.febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
+        if febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
             found = context.fever(facts.temperatures, reading.effective, rules.febrile_rules)
         chemo = None
-        if rules.chemotherapy:
+        if after_chemotherapy:
             chemo = context.chemotherapy(facts.chemotherapy, reading.effective, rules.chemotherapy_lookback)
         counts.append(AssessedCount(reading, result, found, projected, chemo, floor))
     by_id = {c.reading.observation_id: c for c in counts}
     assessed = []
     for episode in episodes([c.graded for c in counts]):
         latest = by_id[episode.latest[0].observation_id]
-        members = sorted((by_id[i] for i in episode.evidence), key=lambda c: (c.reading.effective,
-                                                                              c.reading.observation_id))
-        febrile = latest.fever or next((c.fever for c in reversed(members) if c.fever), None)
-        assessed.append(AssessedEpisode(episode, latest, febrile))
+        # `counts` is in effective order already: its last febrile member is the episode's latest fever.
+        fever = latest.fever or next((c.fever for c in reversed(counts)
+                                      if c.fever and c.reading.observation_id in episode.evidence), None)
+        assessed.append(AssessedEpisode(episode, latest, fever))
     return Assessment(tuple(counts), tuple(assessed))
 
 
