@@ -1066,13 +1066,19 @@ def _reading_row(row: sqlite3.Row | dict[str, Any]) -> tuple[Reading, Classifica
         lln_per_ul=lln_per_ul,
         sources=_json_list(sources),
     )
-    result = Classification(
+    return reading, _classification(grade, bool(at_least), age_band, notes)
+
+
+@functools.lru_cache(maxsize=256)
+def _classification(grade: str, at_least: bool, age_band: str, notes: str | None) -> Classification:
+    """A stored grade, built once per combination: rows repeat a handful of grades, age bands and notes,
+    and a Classification is immutable, so every row with the same columns can share one."""
+    return Classification(
         grade=_GRADES.get(grade) or Grade(grade),  # Grade(x) for what the table lacks: the same error
-        at_least=bool(at_least),
+        at_least=at_least,
         age_band=_AGE_BANDS.get(age_band) or AgeBand(age_band),
         notes=_json_list(notes),
     )
-    return reading, result
 
 
 def _fact_row(row: sqlite3.Row) -> ContextFact:
