@@ -9,6 +9,7 @@ Pure: facts in, facts out; no I/O, no clock. The rules and their sources:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from itertools import groupby
@@ -77,7 +78,7 @@ def shown_celsius(celsius: float) -> str:
 def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules) -> Fever | None:
     """A fever within `window_hours` either side of `around`, or None. Prefers a single reading
     ≥ single_celsius (the highest, then the earliest); else the longest sustained run."""
-    window = timedelta(hours=rules.window_hours)
+    window = _hours(rules.window_hours)
     near = sorted((t for t in temperatures if abs(t.time - around) <= window),
                   key=lambda t: (t.time, t.observation_id))
     singles = [t for t in near if t.celsius >= rules.single_celsius]
@@ -94,7 +95,7 @@ def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileR
             # it is not *between* that reading and the others, so that reading both ends the run and
             # starts the next (never decided by the order of ids within the instant).
             runs.append(list(hot))
-    span = timedelta(minutes=rules.sustained_minutes)
+    span = _minutes(rules.sustained_minutes)
     qualifying = [run for run in runs if len(run) >= 2 and run[-1].time - run[0].time >= span]
     if not qualifying:
         return None
@@ -110,8 +111,7 @@ def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, dat
     observation_id, time, value = at
     if value < rules.anc_below:
         return None
-    low_gap, high_gap = (timedelta(hours=rules.projection_min_gap_hours),
-                         timedelta(hours=rules.projection_max_gap_hours))
+    low_gap, high_gap = _hours(rules.projection_min_gap_hours), _hours(rules.projection_max_gap_hours)
     earlier = [c for c in counts if low_gap <= time - c[1] <= high_gap]
     if not earlier:
         return None
@@ -129,8 +129,23 @@ def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, dat
 
 def chemotherapy(records: Iterable[Chemotherapy], before: datetime, lookback: timedelta) -> Chemotherapy | None:
     """The most recent record dated within `lookback` before the count (never one after it)."""
-    candidates = [r for r in records if timedelta(0) <= before - r.time <= lookback]
+    candidates = [r for r in records if _NO_TIME <= before - r.time <= lookback]
     return max(candidates, key=lambda r: (r.time, r.reference), default=None)
+
+
+_NO_TIME = timedelta(0)
+
+
+# The rules' durations are floats, and a timedelta from a float costs ~0.75 µs: built once per value
+# instead of once per count (the rules say the same few for every count of every patient).
+@functools.lru_cache(maxsize=64)
+def _hours(hours: float) -> timedelta:
+    return timedelta(hours=hours)
+
+
+@functools.lru_cache(maxsize=64)
+def _minutes(minutes: float) -> timedelta:
+    return timedelta(minutes=minutes)
 
 
 def days_before(record: Chemotherapy, count_time: datetime) -> int:
