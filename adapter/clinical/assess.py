@@ -106,6 +106,7 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
     febrile = rules.febrile and bool(facts.temperatures)
     after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
     exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
+    projected_in_order = iter(context.projections(exact, rules.febrile_rules) if rules.projection else ())
     counts = []
     for reading, result in ordered:
         floor = None
@@ -113,8 +114,7 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
             result, floor = _duffy_null(reading, result, rules)
         projected = None
         if rules.projection and not reading.count.comparator:
-            projected = context.projection(exact, (reading.observation_id, reading.effective,
-                                                   reading.count.anc_per_ul), rules.febrile_rules)
+            projected = next(projected_in_order)  # `exact` is `ordered` without the comparator counts
         found = None
         if febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
             found = context.fever(facts.temperatures, reading.effective, rules.febrile_rules)
@@ -124,11 +124,14 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
         counts.append(AssessedCount(reading, result, found, projected, chemo, floor))
     by_id = {c.reading.observation_id: c for c in counts}
     assessed = []
+    any_fever = any(c.fever for c in counts)
     for episode in episodes([c.graded for c in counts]):
         latest = by_id[episode.latest[0].observation_id]
-        # `counts` is in effective order already: its last febrile member is the episode's latest fever.
-        fever = latest.fever or next((c.fever for c in reversed(counts)
-                                      if c.fever and c.reading.observation_id in episode.evidence), None)
+        fever = latest.fever
+        if fever is None and any_fever:  # else no member can have one
+            members = sorted((by_id[i] for i in episode.evidence), key=lambda c: (c.reading.effective,
+                                                                                  c.reading.observation_id))
+            fever = next((c.fever for c in reversed(members) if c.fever), None)
         assessed.append(AssessedEpisode(episode, latest, fever))
     return Assessment(tuple(counts), tuple(assessed))
 

@@ -127,6 +127,23 @@ def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, dat
     return Projection(previous[0], crossing.replace(second=0, microsecond=0))
 
 
+def projections(counts: list[tuple[str, datetime, float]], rules: FebrileRules) -> list[Projection | None]:
+    """projection() for each of a patient's counts, given in time order, against the others. The counts
+    between the gaps before each one form a window that only moves forward along the list, so a history
+    of n counts takes n steps instead of n² (every plan asks about each count of the patient)."""
+    low_gap, high_gap = _hours(rules.projection_min_gap_hours), _hours(rules.projection_max_gap_hours)
+    found: list[Projection | None] = []
+    low = high = 0
+    for at in counts:
+        time = at[1]
+        while high < len(counts) and time - counts[high][1] >= low_gap:
+            high += 1
+        while low < len(counts) and time - counts[low][1] > high_gap:
+            low += 1
+        found.append(projection(counts[low:high], at, rules))
+    return found
+
+
 def chemotherapy(records: Iterable[Chemotherapy], before: datetime, lookback: timedelta) -> Chemotherapy | None:
     """The most recent record dated within `lookback` before the count (never one after it)."""
     candidates = [r for r in records if _NO_TIME <= before - r.time <= lookback]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from adapter import mappings
 from adapter.clinical import classify
 from adapter.clinical.context import (
-    Chemotherapy, Temperature, chemotherapy, days_before, duffy_null_thresholds, fever, projection,
+    Chemotherapy, Temperature, chemotherapy, days_before, duffy_null_thresholds, fever, projection, projections,
 )
 from adapter.mappings import FebrileRules
 from adapter.model import AgeBand, Classification, Count, Grade
@@ -131,6 +131,24 @@ def test_projection_uses_the_most_recent_earlier_count_in_the_window():
     counts = [("old", at(-60), 8000.0), ("recent", at(-12), 1500.0), ("too-close", at(-2), 5000.0)]
     found = projection(counts, ("now", COUNT_AT, 1000.0), RULES)
     assert found is not None and found.earlier_observation_id == "recent"
+
+
+@given(st.lists(st.tuples(st.integers(-100, 100), st.sampled_from([400.0, 500.0, 900.0, 1500.0, 3000.0, 8000.0])),
+                max_size=25),
+       st.tuples(st.sampled_from([-6.0, 0.0, 0.5, 6.0, 24.0]), st.sampled_from([0.0, 6.0, 12.0, 72.0, 100.0])))
+def test_projections_of_a_history_in_time_order_are_each_counts_projection_against_all(history, gaps):
+    # The sliding window must find what comparing every count with every other finds, whatever the gaps
+    # (even none, negative, or a minimum above the maximum) and with counts at the same instant.
+    rules = FebrileRules(projection_min_gap_hours=gaps[0], projection_max_gap_hours=gaps[1])
+    counts = sorted(((f"o{i}", at(hours), value) for i, (hours, value) in enumerate(history)),
+                    key=lambda c: (c[1], c[0]))
+    try:
+        expected = [projection(counts, count, rules) for count in counts]
+    except ZeroDivisionError:  # a zero minimum gap lets a count be compared with one at its instant
+        with pytest.raises(ZeroDivisionError):
+            projections(counts, rules)
+        return
+    assert projections(counts, rules) == expected
 
 
 def test_chemotherapy_window_and_days():
