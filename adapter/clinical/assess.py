@@ -104,6 +104,7 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
     # Without a temperature or a chemotherapy record read for the patient there is nothing to find near
     # any count: asked once per patient instead of once per count.
     febrile = rules.febrile and bool(facts.temperatures)
+    temperatures = sorted(facts.temperatures, key=context.time_order) if febrile else []
     after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
     exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
     projected_in_order = iter(context.projections(exact, rules.febrile_rules) if rules.projection else ())
@@ -117,7 +118,7 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
             projected = next(projected_in_order)  # `exact` is `ordered` without the comparator counts
         found = None
         if febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
-            found = context.fever(facts.temperatures, reading.effective, rules.febrile_rules)
+            found = context.fever(temperatures, reading.effective, rules.febrile_rules, in_order=True)
         chemo = None
         if after_chemotherapy:
             chemo = context.chemotherapy(facts.chemotherapy, reading.effective, rules.chemotherapy_lookback)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from itertools import groupby
 from dataclasses import dataclass
@@ -75,12 +76,24 @@ def shown_celsius(celsius: float) -> str:
     return f"{math.floor(round(celsius * 10, 6)) / 10:.1f}"
 
 
-def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules) -> Fever | None:
+def time_order(temperature: Temperature) -> tuple[datetime, str]:
+    return temperature.time, temperature.observation_id
+
+
+def fever(temperatures: Iterable[Temperature], around: datetime, rules: FebrileRules,
+          in_order: bool = False) -> Fever | None:
     """A fever within `window_hours` either side of `around`, or None. Prefers a single reading
-    ≥ single_celsius (the highest, then the earliest); else the longest sustained run."""
+    ≥ single_celsius (the highest, then the earliest); else the longest sustained run.
+    `in_order`: `temperatures` is a list sorted by time_order, in which those near `around` are found by
+    bisection (a patient's temperatures are searched again for each of its low counts)."""
     window = _hours(rules.window_hours)
-    near = sorted((t for t in temperatures if abs(t.time - around) <= window),
-                  key=lambda t: (t.time, t.observation_id))
+    if in_order:
+        assert isinstance(temperatures, list)
+        # Rises along the list; a difference of two instants never overflows, unlike `around - window`.
+        since = lambda t: t.time - around  # noqa: E731
+        near = temperatures[bisect_left(temperatures, -window, key=since):bisect_right(temperatures, window, key=since)]
+    else:
+        near = sorted((t for t in temperatures if abs(t.time - around) <= window), key=time_order)
     singles = [t for t in near if t.celsius >= rules.single_celsius]
     if singles:
         best = max(singles, key=lambda t: (t.celsius, -t.time.timestamp()))

@@ -12,6 +12,7 @@ from adapter import mappings
 from adapter.clinical import classify
 from adapter.clinical.context import (
     Chemotherapy, Temperature, chemotherapy, days_before, duffy_null_thresholds, fever, projection, projections,
+    time_order,
 )
 from adapter.mappings import FebrileRules
 from adapter.model import AgeBand, Classification, Count, Grade
@@ -101,6 +102,17 @@ def test_the_fever_found_never_depends_on_the_ids(readings, order):
     if found is not None:
         assert found.sustained == again.sustained
         assert sorted((t.time, t.celsius) for t in found.readings) == sorted((t.time, t.celsius) for t in again.readings)
+
+
+@given(st.lists(st.tuples(st.sampled_from([-30.0, -24.0, -23.5, -1.0, 0.0, 0.5, 1.0, 2.0, 24.0, 24.5]),
+                          st.sampled_from([37.5, 38.0, 38.1, 38.3, 39.0])), max_size=12),
+       st.sampled_from([-1.0, 0.0, 1.0, 24.0]), st.sampled_from([0.0, 24.0, 48.0]))
+def test_a_fever_found_in_time_ordered_temperatures_is_the_one_found_in_any_order(readings, around, window):
+    # assess hands fever() the patient's temperatures sorted once; they are cut by bisection there.
+    rules = FebrileRules(window_hours=window)
+    given_order = temps(*readings)
+    assert fever(sorted(given_order, key=time_order), at(around), rules, in_order=True) == \
+        fever(given_order, at(around), rules)
 
 
 def test_projection_log_linear_crossing():
