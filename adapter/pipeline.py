@@ -45,7 +45,7 @@ _RISK_SWEEP = 1000
 # Counts in one batch at most (`Run._read_batch`), so memory stays bounded; a search matching at least this
 # many is a backlog, batched by size.
 _BATCH_OBSERVATIONS = 10_000
-_PATIENTS_PER_READ = 100  # patients whose stored counts are read in one statement when planning (a part's worth)
+_PATIENTS_PER_READ = 100  # patients whose counts and context are read together for planning (memory: ~ a part)
 _WRITES_PER_PART = 500  # planned writes sent together while the next part is planned (`Run._settle`)
 
 
