@@ -52,8 +52,13 @@ def fact(resource: Mapping[str, Any], mappings: ContextMappings, statuses: tuple
     return _chemotherapy(resource, base, mappings, medications)
 
 
+_NO_CONTEXT = Context()
+
+
 def context(facts: list[ContextFact]) -> Context:
     """Stored facts -> the pure core's Context."""
+    if not facts:
+        return _NO_CONTEXT  # most planned patients: nothing was found around their counts
     temperatures = tuple(
         Temperature(f.resource_id, f.time, f.value, f.name) for f in facts
         if f.kind == "temperature" and f.time is not None and f.value is not None

@@ -23,13 +23,14 @@ from typing import Any, Protocol
 
 from adapter import context_extract, context_source, crashpoints, extract, source, writeback
 from adapter.clinical import assess, classify, derive
+from adapter.clinical.episodes import Graded
 from adapter.config import Config
 from adapter.errors import FhirError, PermanentHttpError, SearchTruncated, Stopped
 from adapter.extract import WITHDRAWN_STATUSES
 from adapter.fhir.client import FhirClient, in_background
 from adapter.mappings import Mappings
 from adapter.model import Classification, DeriveInput, Quarantine, Reading
-from adapter.state import DELETED, ResumePoint, State, Written
+from adapter.state import DELETED, ContextFact, ResumePoint, State, Written
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ _RISK_SWEEP = 1000
 # Counts in one batch at most (`Run._read_batch`), so memory stays bounded; a search matching at least this
 # many is a backlog, batched by size.
 _BATCH_OBSERVATIONS = 10_000
+_PATIENTS_PER_READ = 100  # patients whose counts and context are read together for planning (memory: ~ a part)
 _WRITES_PER_PART = 500  # planned writes sent together while the next part is planned (`Run._settle`)
 
 
@@ -222,6 +224,8 @@ class Run:
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
         self._ahead: dict[int, tuple[dict[str, Any], Any]] = {}  # the next page, extracted during a write
+        self._stored: dict[str, list[Graded]] = {}  # counts of the chunk of patients being planned
+        self._facts: dict[str, list[ContextFact]] = {}  # … and their context facts
         self._backlog = False  # the search matches _BATCH_OBSERVATIONS or more: batched by size
         self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
@@ -553,6 +557,7 @@ class Run:
         self._graded_at = {}
         self._groups: set[tuple[str, datetime]] = set()
         self._batch_max = None
+        self._stored, self._facts = {}, {}  # nothing left from a batch whose planning was cut short
 
     def _record_all(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         observations = list(observations)
@@ -603,11 +608,19 @@ class Run:
     def _planned_parts(self, patient_ids: list[str],
                        ahead: list[dict[str, Any]]) -> Iterator[list[writeback.Planned]]:
         part: list[writeback.Planned] = []
-        for patient_id in patient_ids:
-            part += self._plan(patient_id)
-            if len(part) >= _WRITES_PER_PART:
-                yield part
-                part = []
+        for start in range(0, len(patient_ids), _PATIENTS_PER_READ):
+            chunk = patient_ids[start:start + _PATIENTS_PER_READ]
+            # The stored counts and context of the patients that may need a write, in one statement each
+            # instead of one per patient. Read before earlier parts' writes are recorded, and still exact:
+            # planning and writing change only `written` rows (read per patient, in _plan), never these.
+            assessed = [p for p in chunk if self._may_change(p, self._previously(p))]
+            self._stored = self.state.readings_of(assessed)
+            self._facts = self.state.context_facts_of(assessed)
+            for patient_id in chunk:
+                part += self._plan(patient_id)
+                if len(part) >= _WRITES_PER_PART:
+                    yield part
+                    part = []
         if part:
             yield part
         # Asked for the part after the last while that one is in flight: the next page's turn.
@@ -664,15 +677,28 @@ class Run:
         entries = bundle.get("entry", [])  # no total: an empty searchset may leave `entry` out
         return not isinstance(entries, list) or bool(entries)
 
+    def _previously(self, patient_id: str) -> dict[str, list[Written]]:
+        return {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
+
+    def _may_change(self, patient_id: str, previously: dict[str, list[Written]]) -> bool:
+        """False for a patient with only normal counts and nothing written before: nothing can change."""
+        return any(previously.values()) or patient_id in self._abnormal \
+            or self.output.risk_assessment_for_normal or patient_id in self._failing
+
     def _plan(self, patient_id: str) -> list[writeback.Planned]:
-        previously = {kind: self.state.written(patient_id, kind) for kind in self.output.resources}
-        if not any(previously.values()) and patient_id not in self._abnormal \
-                and not self.output.risk_assessment_for_normal and patient_id not in self._failing:
-            return []  # only normal counts and nothing written before: nothing can change
+        previously = self._previously(patient_id)
+        if not self._may_change(patient_id, previously):
+            return []
         evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
         unread = frozenset(evidence - self.state.ledgered_ids(evidence))
-        facts = context_extract.context(self.state.context_facts(patient_id))
-        assessment = assess.assess(self.state.readings(patient_id), facts, self.rules)
+        # Read with the other patients of its chunk (_planned_parts), else here.
+        stored = self._stored.pop(patient_id, None)
+        if stored is None:
+            stored = self.state.readings(patient_id)
+        facts = self._facts.pop(patient_id, None)
+        if facts is None:
+            facts = self.state.context_facts(patient_id)
+        assessment = assess.assess(stored, context_extract.context(facts), self.rules)
         mine = writeback.plan_patient(patient_id, assessment, previously, self.output, unread)
         rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
         self.summary.unchanged += sum(

@@ -101,7 +101,13 @@ def priority(grade: Grade, febrile: bool) -> str:
 def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessment:
     ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
     marked = rules.duffy_null and bool(facts.duffy_null_markers)
+    # Without a temperature or a chemotherapy record read for the patient there is nothing to find near
+    # any count: asked once per patient instead of once per count.
+    febrile = rules.febrile and bool(facts.temperatures)
+    temperatures = sorted(facts.temperatures, key=context.time_order) if febrile else []
+    after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
     exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
+    projected_in_order = iter(context.projections(exact, rules.febrile_rules) if rules.projection else ())
     counts = []
     for reading, result in ordered:
         floor = None
@@ -109,23 +115,25 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
             result, floor = _duffy_null(reading, result, rules)
         projected = None
         if rules.projection and not reading.count.comparator:
-            projected = context.projection(exact, (reading.observation_id, reading.effective,
-                                                   reading.count.anc_per_ul), rules.febrile_rules)
+            projected = next(projected_in_order)  # `exact` is `ordered` without the comparator counts
         found = None
-        if rules.febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
-            found = context.fever(facts.temperatures, reading.effective, rules.febrile_rules)
+        if febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
+            found = context.fever(temperatures, reading.effective, rules.febrile_rules, in_order=True)
         chemo = None
-        if rules.chemotherapy:
+        if after_chemotherapy:
             chemo = context.chemotherapy(facts.chemotherapy, reading.effective, rules.chemotherapy_lookback)
         counts.append(AssessedCount(reading, result, found, projected, chemo, floor))
     by_id = {c.reading.observation_id: c for c in counts}
     assessed = []
+    any_fever = any(c.fever for c in counts)
     for episode in episodes([c.graded for c in counts]):
         latest = by_id[episode.latest[0].observation_id]
-        members = sorted((by_id[i] for i in episode.evidence), key=lambda c: (c.reading.effective,
-                                                                              c.reading.observation_id))
-        febrile = latest.fever or next((c.fever for c in reversed(members) if c.fever), None)
-        assessed.append(AssessedEpisode(episode, latest, febrile))
+        fever = latest.fever
+        if fever is None and any_fever:  # else no member can have one
+            members = sorted((by_id[i] for i in episode.evidence), key=lambda c: (c.reading.effective,
+                                                                                  c.reading.observation_id))
+            fever = next((c.fever for c in reversed(members) if c.fever), None)
+        assessed.append(AssessedEpisode(episode, latest, fever))
     return Assessment(tuple(counts), tuple(assessed))
 
 

@@ -244,6 +244,33 @@ def test_context_facts_are_replaced_by_a_newer_version_and_the_poll_watermark_mo
     assert state.context_watermark() == LATER
 
 
+def test_readings_and_context_facts_of_many_patients_are_each_patients_own(state, monkeypatch):
+    from adapter import state as state_module
+    from adapter.state import ContextFact
+
+    monkeypatch.setattr(state_module, "_IN_BATCH", 2)  # three patients: two statements
+    with state.transaction():
+        for patient_id in ("p", "q", "r"):
+            for n in (1, 2):
+                state.record_classified(reading(f"{patient_id}{n}", patient_id=patient_id), graded(), NOW)
+                state.record_context(ContextFact("Observation", f"t-{patient_id}{n}", "1", patient_id, "temperature",
+                                                "final", WHEN, 38.0 + n / 10, "", NOW), NOW)
+        state.record_outcome("q2", "2", "entered-in-error", "q", "withdrawn", LATER)
+        state.record_context(ContextFact("Observation", "t-r1", "2", "r", "none", "entered-in-error", WHEN,
+                                         None, "", LATER), LATER)
+    patients = ["r", "q", "p", "nobody"]
+    found = state.readings_of(patients)
+    assert {p: sorted(r.observation_id for r, _ in found[p]) for p in patients} == {
+        "p": ["p1", "p2"], "q": ["q1"], "r": ["r1", "r2"], "nobody": []}
+    by_id = lambda graded: graded[0].observation_id  # noqa: E731
+    assert all(sorted(found[p], key=by_id) == sorted(state.readings(p), key=by_id) for p in patients)
+    facts = state.context_facts_of(patients)
+    assert {p: [f.resource_id for f in facts[p]] for p in patients} == {
+        "p": ["t-p1", "t-p2"], "q": ["t-q1", "t-q2"], "r": ["t-r2"], "nobody": []}
+    assert all(facts[p] == state.context_facts(p) for p in patients)
+    assert state.readings_of([]) == {} and state.context_facts_of([]) == {}
+
+
 def test_live_evidence_names_the_counts_behind_active_flags_and_live_assessments(state):
     with state.transaction():
         state.record_classified(reading("o1"), graded(), NOW)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from adapter import mappings
 from adapter.clinical import classify
 from adapter.clinical.context import (
-    Chemotherapy, Temperature, chemotherapy, days_before, duffy_null_thresholds, fever, projection,
+    Chemotherapy, Temperature, chemotherapy, days_before, duffy_null_thresholds, fever, projection, projections,
+    time_order,
 )
 from adapter.mappings import FebrileRules
 from adapter.model import AgeBand, Classification, Count, Grade
@@ -103,6 +104,17 @@ def test_the_fever_found_never_depends_on_the_ids(readings, order):
         assert sorted((t.time, t.celsius) for t in found.readings) == sorted((t.time, t.celsius) for t in again.readings)
 
 
+@given(st.lists(st.tuples(st.sampled_from([-30.0, -24.0, -23.5, -1.0, 0.0, 0.5, 1.0, 2.0, 24.0, 24.5]),
+                          st.sampled_from([37.5, 38.0, 38.1, 38.3, 39.0])), max_size=12),
+       st.sampled_from([-1.0, 0.0, 1.0, 24.0]), st.sampled_from([0.0, 24.0, 48.0]))
+def test_a_fever_found_in_time_ordered_temperatures_is_the_one_found_in_any_order(readings, around, window):
+    # assess hands fever() the patient's temperatures sorted once; they are cut by bisection there.
+    rules = FebrileRules(window_hours=window)
+    given_order = temps(*readings)
+    assert fever(sorted(given_order, key=time_order), at(around), rules, in_order=True) == \
+        fever(given_order, at(around), rules)
+
+
 def test_projection_log_linear_crossing():
     # 2000 -> 1000 over 24 h halves per day: 1000 -> 500 takes another 24 h.
     found = projection([("a", at(-24), 2000.0)], ("b", COUNT_AT, 1000.0), RULES)
@@ -131,6 +143,24 @@ def test_projection_uses_the_most_recent_earlier_count_in_the_window():
     counts = [("old", at(-60), 8000.0), ("recent", at(-12), 1500.0), ("too-close", at(-2), 5000.0)]
     found = projection(counts, ("now", COUNT_AT, 1000.0), RULES)
     assert found is not None and found.earlier_observation_id == "recent"
+
+
+@given(st.lists(st.tuples(st.integers(-100, 100), st.sampled_from([400.0, 500.0, 900.0, 1500.0, 3000.0, 8000.0])),
+                max_size=25),
+       st.tuples(st.sampled_from([-6.0, 0.0, 0.5, 6.0, 24.0]), st.sampled_from([0.0, 6.0, 12.0, 72.0, 100.0])))
+def test_projections_of_a_history_in_time_order_are_each_counts_projection_against_all(history, gaps):
+    # The sliding window must find what comparing every count with every other finds, whatever the gaps
+    # (even none, negative, or a minimum above the maximum) and with counts at the same instant.
+    rules = FebrileRules(projection_min_gap_hours=gaps[0], projection_max_gap_hours=gaps[1])
+    counts = sorted(((f"o{i}", at(hours), value) for i, (hours, value) in enumerate(history)),
+                    key=lambda c: (c[1], c[0]))
+    try:
+        expected = [projection(counts, count, rules) for count in counts]
+    except ZeroDivisionError:  # a zero minimum gap lets a count be compared with one at its instant
+        with pytest.raises(ZeroDivisionError):
+            projections(counts, rules)
+        return
+    assert projections(counts, rules) == expected
 
 
 def test_chemotherapy_window_and_days():
