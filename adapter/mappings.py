@@ -141,11 +141,15 @@ def _context(raw: dict[str, Any]) -> ContextMappings:
     floor = float(duffy.get("normal_floor", 1210))
     if floor <= 0:
         raise ValueError("duffy_null.normal_floor must be > 0")
+    rules = FebrileRules(**{k: float(v) for k, v in febrile.items()})
+    if not 0 < rules.projection_min_gap_hours < rules.projection_max_gap_hours:
+        # The projection divides by the hours between two counts: a zero gap would stop every run.
+        raise ValueError("febrile: projection_min_gap_hours must be > 0 and below projection_max_gap_hours")
     return ContextMappings(
         temperature_codes=tuple(_coding(c) for c in temperature["codes"]),
         temperature_units=units,
         plausible_celsius=(low, high),
-        febrile=FebrileRules(**{k: float(v) for k, v in febrile.items()}),
+        febrile=rules,
         atc_prefixes=tuple(str(p) for p in chemo.get("atc_prefixes", [])),
         snomed_procedures=frozenset(str(c) for c in chemo.get("snomed_procedures", [])),
         rxnorm={str(e["code"]): str(e.get("name", "")) for e in chemo.get("rxnorm", [])},

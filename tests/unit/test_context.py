@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -214,3 +216,19 @@ def test_with_the_floor_a_lower_count_never_lowers_severity(first, second):
     lowered = duffy_null_thresholds(THRESHOLDS, AgeBand.ADULT, 1210)
     low, high = sorted((first, second))
     assert grade(low, AgeBand.ADULT, lowered).severity >= grade(high, AgeBand.ADULT, lowered).severity
+
+
+@pytest.mark.parametrize("low, high", [(0, 72), (-1, 72), (72, 72), (80, 72)])
+def test_a_site_copy_with_projection_gaps_that_cannot_work_is_refused_at_load(tmp_path, low, high):
+    import shutil
+
+    from adapter.errors import ConfigError
+
+    site = tmp_path / "mappings"
+    shutil.copytree(Path(mappings.__file__).resolve().parent.parent / "mappings", site)
+    text = (site / "context.toml").read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^projection_min_gap_hours = .*$", f"projection_min_gap_hours = {low}", text)
+    text = re.sub(r"(?m)^projection_max_gap_hours = .*$", f"projection_max_gap_hours = {high}", text)
+    (site / "context.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="projection_min_gap_hours"):
+        mappings.load(str(site))
