@@ -19,7 +19,7 @@ from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, 
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seen:
     """Identity of one Observation version, whatever became of it."""
 
@@ -30,7 +30,7 @@ class Seen:
     patient_id: str  # "" when the subject is missing or not a Patient
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extracted:
     seen: Seen
     outcome: Reading | DeriveInput | Quarantine | None  # None: withdrawn, or not for us (status/code)

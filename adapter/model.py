@@ -61,13 +61,13 @@ class Reason(str, Enum):
     UNKNOWN_MODIFIER = "unknown-modifier"  # a modifierExtension may change the meaning: never guess
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Quarantine:
     reason: Reason
     detail: str = ""  # codes and units only, never a patient's data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Count:
     """An ANC normalised to cells/µL, with the comparator the lab sent ('' when exact)."""
 
@@ -85,7 +85,7 @@ class AgeBand(str, Enum):
     UNKNOWN = "unknown"  # no usable birthDate: adult thresholds, said in the output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Classification:
     grade: Grade
     at_least: bool = False  # a comparator left the exact grade open; this is the least severe it can be
@@ -93,7 +93,7 @@ class Classification:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reading:
     """The fields of one ANC Observation version that the pipeline needs, extracted leniently."""
 
@@ -127,7 +127,7 @@ class InputKind(str, Enum):
         return self in (InputKind.WBC, InputKind.SEGMENTED_COUNT, InputKind.BAND_COUNT)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeriveInput:
     observation_id: str
     version: str

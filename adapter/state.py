@@ -189,7 +189,7 @@ class ContextFact:
     last_updated: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ledgered:
     version: str
     patient_id: str
