@@ -221,6 +221,7 @@ class Run:
         self.rules = assess.Rules.from_config(config, mappings)
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
+        self._classified: list[tuple[Reading, Classification, str, str]] = []  # see _write_classified
         self._ahead: dict[int, tuple[dict[str, Any], Any]] = {}  # the next page, extracted during a write
         self._backlog = False  # the search matches _BATCH_OBSERVATIONS or more: batched by size
         self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
@@ -561,10 +562,18 @@ class Run:
         ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
         found = self.state.ledgers(ids)
         self._priors = {i: found.get(i) for i in ids}
+        self._classified = []  # anything left by a batch that failed went with its rollback
         for resource in observations:
             self._touched |= self._record(resource, retry, self._now, self._groups)
+        self._write_classified()
         self._priors = {}
         self._ahead = {}
+
+    def _write_classified(self) -> None:
+        # The page's graded counts go to state in one statement at its end, not one each. Until then
+        # they are not in the ledger: _record writes them first whenever it must read one back.
+        self.state.record_classified_many(self._classified)
+        self._classified = []
 
     def _settle(self, deleted: Mapping[str, set[str]] | None = None, context: context_source.Found | None = None,
                 ahead: list[dict[str, Any]] = ()) -> None:
@@ -752,8 +761,11 @@ class Run:
         if not retry:
             self.summary.observations_read += 1
             self._note_pass(seen)
-        prior = self._priors.pop(seen.observation_id) if seen.observation_id in self._priors \
-            else self.state.ledger(seen.observation_id)
+        if seen.observation_id in self._priors:
+            prior = self._priors.pop(seen.observation_id)
+        else:  # read twice in this page (or not looked up with it): its first version may be unwritten
+            self._write_classified()
+            prior = self.state.ledger(seen.observation_id)
         if not retry and prior is not None and prior.covers(seen.version, seen.last_updated):
             self.summary.already_processed += 1
             return set()
@@ -777,7 +789,7 @@ class Run:
         if isinstance(outcome, Reading):
             graded = self._classify(outcome)
             if isinstance(graded, Classification):
-                self.state.record_classified(outcome, graded, now, seen.last_updated)
+                self._classified.append((outcome, graded, now, seen.last_updated))
                 self._graded(outcome.patient_id, graded, outcome.effective)
                 self._row(outcome, graded)
                 return touched | {outcome.patient_id}

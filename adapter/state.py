@@ -500,16 +500,16 @@ class State:
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
-        # Once per Observation read: the statement is built once, the row goes in as a tuple, and the
-        # enums give their plain `_value_` (`.value` is a descriptor call, a quarter µs each).
-        count = reading.count
-        self.db.execute(_RECORD_CLASSIFIED, (
-            reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
-            reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
-            result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
-            _to_json(reading.sources), now, last_updated,
-        ))
-        self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
+        self.record_classified_many([(reading, result, now, last_updated)])
+
+    def record_classified_many(self, graded: list[tuple[Reading, Classification, str, str]]) -> None:
+        """record_classified for a page of counts (reading, result, now, last_updated) in two statements,
+        not two each. The caller keeps read-after-write exact: a row not written yet is not in ledger()."""
+        if not graded:
+            return
+        self.db.executemany(_RECORD_CLASSIFIED, [_classified_row(*row) for row in graded])
+        self.db.executemany("DELETE FROM quarantine WHERE observation_id = ?",
+                            [(reading.observation_id,) for reading, *_ in graded])
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
                        outcome: str, now: str, last_updated: str = "") -> None:
@@ -849,6 +849,18 @@ def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> s
 _RECORD_CLASSIFIED = _upsert_sql("observations", ("observation_id",), (
     "observation_id", "version", "status", "patient_id", "outcome", "effective", "anc_per_ul", "comparator",
     "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated"))
+
+
+def _classified_row(reading: Reading, result: Classification, now: str, last_updated: str) -> tuple[Any, ...]:
+    # Once per Observation read: the row is a plain tuple, and the enums give their plain `_value_`
+    # (`.value` is a descriptor call, a quarter µs each).
+    count = reading.count
+    return (
+        reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
+        reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
+        result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
+        _to_json(reading.sources), now, last_updated,
+    )
 
 
 @contextmanager
