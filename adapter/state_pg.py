@@ -78,10 +78,6 @@ class Connection:
         # Always a tuple, even empty: then psycopg reads `%%` back as `%` in every statement alike.
         return self.session.execute(translate(sql), tuple(parameters))
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self.session.cursor() as cursor:
-            cursor.executemany(translate(sql), [tuple(row) for row in rows])
-
     def executescript(self, script: str) -> None:
         # One statement at a time: psycopg runs a multi-statement string only without parameters, and a
         # failing statement is then named in the error.
