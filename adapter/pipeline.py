@@ -563,8 +563,11 @@ class Run:
         found = self.state.ledgers(ids)
         self._priors = {i: found.get(i) for i in ids}
         self._classified = []  # anything left by a batch that failed went with its rollback
-        for resource in observations:
-            self._touched |= self._record(resource, retry, self._now, self._groups)
+        extracted = [self._extracted(resource) for resource in observations]
+        if not retry:
+            self._note_pass([one.seen for one in extracted if one is not None])
+        for resource, one in zip(observations, extracted):
+            self._touched |= self._record(resource, one, retry, self._now, self._groups)
         self._write_classified()
         self._priors = {}
         self._ahead = {}
@@ -747,20 +750,22 @@ class Run:
     def _extract(self, resource: dict[str, Any]) -> extract.Extracted | None:
         return extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
 
-    def _record(self, resource: dict[str, Any], retry: bool, now: str,
+    def _extracted(self, resource: dict[str, Any]) -> extract.Extracted | None:
+        """What extract.observation makes of it: taken while the previous writes were in flight, or now."""
+        early = self._ahead.pop(id(resource), None)
+        return early[1] if early is not None and early[0] is resource else self._extract(resource)
+
+    def _record(self, resource: dict[str, Any], extracted: extract.Extracted | None, retry: bool, now: str,
                 groups: set[tuple[str, datetime]]) -> set[str]:
         """Ledger one Observation version; return the patients whose outputs may change (two when the
         lab moved the result to another patient). With derived ANC on, add the (patient, effective time)
         groups whose derivation may change."""
-        early = self._ahead.pop(id(resource), None)
-        extracted = early[1] if early is not None and early[0] is resource else self._extract(resource)
         if extracted is None:
             self.summary.malformed += 1
             return set()
         seen = extracted.seen
         if not retry:
             self.summary.observations_read += 1
-            self._note_pass(seen)
         if seen.observation_id in self._priors:
             prior = self._priors.pop(seen.observation_id)
         else:  # read twice in this page (or not looked up with it): its first version may be unwritten
@@ -969,21 +974,22 @@ class Run:
         return classify.classify(reading.count, band, self.config.classify.profile,
                                  self.mappings.thresholds, lln)
 
-    def _note_pass(self, seen: extract.Seen) -> None:
+    def _note_pass(self, read: list[extract.Seen]) -> None:
         # An id read twice in one run's search means the result set changed under offset paging:
         # everything after its old place slid back, and an entry may have slid past a page boundary
         # unseen. The window this run searched is read again before the watermark may move. (The ids
-        # live in a temporary SQLite table, not in our memory.)
-        if self.state.seen_before_in_pass(seen.observation_id):
+        # live in a temporary SQLite table, not in our memory; a page's go in with one statement.)
+        if self.state.any_seen_before_in_pass([seen.observation_id for seen in read]):
             self._reread(self._run_since)
-        updated = extract.parse_datetime(seen.last_updated)
-        if updated is None:
-            return
-        if updated > self._run_started:
-            # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
-            # would hide everything written before it, so it never moves past the run's start.
-            updated = self._run_started
-        self._batch_max = _later(self._batch_max, updated)
+        for seen in read:
+            updated = extract.parse_datetime(seen.last_updated)
+            if updated is None:
+                continue
+            if updated > self._run_started:
+                # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
+                # would hide everything written before it, so it never moves past the run's start.
+                updated = self._run_started
+            self._batch_max = _later(self._batch_max, updated)
 
     def _note_changed(self, prior: Any) -> None:
         """A new version of an Observation this state had read. If its previous version lay in the part of

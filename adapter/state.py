@@ -301,8 +301,20 @@ class State:
 
     def seen_before_in_pass(self, observation_id: str) -> bool:
         """Record that this pass read the Observation; True when it had already read it."""
-        cursor = self.db.execute("INSERT INTO pass_ids VALUES (?) ON CONFLICT DO NOTHING", (observation_id,))
-        return cursor.rowcount == 0
+        return self.any_seen_before_in_pass([observation_id])
+
+    def any_seen_before_in_pass(self, observation_ids: list[str]) -> bool:
+        """Record that this pass read these Observations (a page); True when it had already read one of
+        them, or reads one twice here. One statement per _IN_BATCH ids: the rows it did not insert were
+        there before."""
+        distinct = list(dict.fromkeys(observation_ids))
+        again = len(distinct) < len(observation_ids)
+        for start in range(0, len(distinct), _IN_BATCH):
+            ids = distinct[start:start + _IN_BATCH]
+            cursor = self.db.execute(
+                f"INSERT INTO pass_ids VALUES {', '.join(['(?)'] * len(ids))} ON CONFLICT DO NOTHING", ids)
+            again |= cursor.rowcount < len(ids)
+        return again
 
     @classmethod
     def open(cls, location: Path | str) -> State:

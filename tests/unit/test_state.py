@@ -80,6 +80,16 @@ def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean(stat
     assert state.seen_before_in_pass("o1") is False
 
 
+def test_a_page_of_ids_read_again_in_one_pass_is_noticed(state):  # on SQLite and PostgreSQL (conftest)
+    assert state.any_seen_before_in_pass([]) is False
+    assert state.any_seen_before_in_pass(["o1", "o2"]) is False
+    assert state.any_seen_before_in_pass(["o3", "o4", "o3"]) is True  # twice on one page
+    assert state.any_seen_before_in_pass(["o5", "o2"]) is True  # read on an earlier page
+    assert state.seen_before_in_pass("o5") is True
+    state.start_pass()
+    assert state.any_seen_before_in_pass(["o1", "o2", "o3", "o4", "o5"]) is False
+
+
 def test_written_inside_a_transaction_follows_every_write_and_a_rollback():
     from adapter.state import Written
 
