@@ -877,8 +877,9 @@ class Run:
                 or any(self.state.written(patient_id, kind) for kind in self.output.resources)}
 
     def _graded(self, patient_id: str, result: Classification, effective: datetime) -> None:
-        self.summary.grades[result.grade.value] += 1
-        if patient_id not in self._graded_at or effective < self._graded_at[patient_id]:
+        self.summary.grades[result.grade._value_] += 1  # `_value_`: `.value` is a descriptor call per count
+        earliest = self._graded_at.get(patient_id)
+        if earliest is None or effective < earliest:
             self._graded_at[patient_id] = effective
         if result.grade.abnormal:
             self._abnormal.add(patient_id)
