@@ -164,14 +164,17 @@ def parse_datetime(text: Any) -> datetime | None:
     """FHIR dateTime/instant at day precision or finer. A date alone is taken as 00:00 UTC that day."""
     if not isinstance(text, str):
         return None
-    match = _DATETIME.match(text.strip())
+    text = text.strip()
+    match = _DATETIME.match(text)
     if not match:
         return None
+    day, time, offset = match.groups()
     try:
-        if not match["time"]:
-            return datetime.fromisoformat(match["date"]).replace(tzinfo=timezone.utc)
-        tz = match["tz"] or "Z"
-        parsed = datetime.fromisoformat(f"{match['date']}T{match['time']}{'+00:00' if tz == 'Z' else tz}")
+        if not time:
+            return datetime.fromisoformat(day).replace(tzinfo=timezone.utc)
+        # The pattern matched all of `text`, which Python (3.11+) reads as it is, "Z" included: twice a
+        # count (its effective time and its lastUpdated), so it is not rebuilt from its parts.
+        parsed = datetime.fromisoformat(text if offset else text + "+00:00")
         parsed.astimezone(timezone.utc)  # a year-9999 instant with a negative offset cannot be ordered
     except (ValueError, OverflowError):
         return None
