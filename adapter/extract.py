@@ -19,7 +19,10 @@ from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, 
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
 
-@dataclass(frozen=True, slots=True)
+# Seen and Extracted are not frozen, unlike the domain types: one of each is built for every Observation
+# read, only to be read by the caller that asked for it (never hashed, stored or shared), and a frozen
+# dataclass sets each field through object.__setattr__, four times the cost of a plain one.
+@dataclass(slots=True)
 class Seen:
     """Identity of one Observation version, whatever became of it."""
 
@@ -30,7 +33,7 @@ class Seen:
     patient_id: str  # "" when the subject is missing or not a Patient
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Extracted:
     seen: Seen
     outcome: Reading | DeriveInput | Quarantine | None  # None: withdrawn, or not for us (status/code)
