@@ -982,8 +982,10 @@ class Run:
         # live in a temporary SQLite table, not in our memory; a page's go in with one statement.)
         if self.state.any_seen_before_in_pass([seen.observation_id for seen in read]):
             self._reread(self._run_since)
-        for seen in read:
-            updated = extract.parse_datetime(seen.last_updated)
+        # Each distinct lastUpdated once: a page often repeats one (a server may stamp a whole
+        # transaction, a bulk load, with the same instant).
+        for last_updated in dict.fromkeys(seen.last_updated for seen in read):
+            updated = extract.parse_datetime(last_updated)
             if updated is None:
                 continue
             if updated > self._run_started:
