@@ -523,12 +523,11 @@ class State:
         if len(set(ids)) < len(ids):
             # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
             for row in rows:
-                self.db.execute(_upsert_sql("observations", ("observation_id",), _CLASSIFIED_COLUMNS), row)
+                self.db.execute(_record_classified_sql(1), row)
         else:
             for start in range(0, len(rows), _ROWS_PER_INSERT):
                 chunk = rows[start:start + _ROWS_PER_INSERT]
-                self.db.execute(_upsert_sql("observations", ("observation_id",), _CLASSIFIED_COLUMNS, len(chunk)),
-                                [value for row in chunk for value in row])
+                self.db.execute(_record_classified_sql(len(chunk)), [value for row in chunk for value in row])
         for start in range(0, len(ids), _IN_BATCH):
             chunk = ids[start:start + _IN_BATCH]
             self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({','.join('?' * len(chunk))})", chunk)
@@ -873,6 +872,10 @@ def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...], rows
 _CLASSIFIED_COLUMNS = (
     "observation_id", "version", "status", "patient_id", "outcome", "effective", "anc_per_ul", "comparator",
     "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated")
+
+
+def _record_classified_sql(rows: int) -> str:
+    return _upsert_sql("observations", ("observation_id",), _CLASSIFIED_COLUMNS, rows)
 
 
 def _classified_row(reading: Reading, result: Classification, now: str, last_updated: str) -> tuple[Any, ...]:
