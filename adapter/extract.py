@@ -19,7 +19,10 @@ from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, 
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
 
-@dataclass(frozen=True)
+# Seen and Extracted are not frozen, unlike the domain types: one of each is built for every Observation
+# read, only to be read by the caller that asked for it (never hashed, stored or shared), and a frozen
+# dataclass sets each field through object.__setattr__, four times the cost of a plain one.
+@dataclass(slots=True)
 class Seen:
     """Identity of one Observation version, whatever became of it."""
 
@@ -30,7 +33,7 @@ class Seen:
     patient_id: str  # "" when the subject is missing or not a Patient
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Extracted:
     seen: Seen
     outcome: Reading | DeriveInput | Quarantine | None  # None: withdrawn, or not for us (status/code)
@@ -164,14 +167,17 @@ def parse_datetime(text: Any) -> datetime | None:
     """FHIR dateTime/instant at day precision or finer. A date alone is taken as 00:00 UTC that day."""
     if not isinstance(text, str):
         return None
-    match = _DATETIME.match(text.strip())
+    text = text.strip()
+    match = _DATETIME.match(text)
     if not match:
         return None
+    day, time, offset = match.groups()
     try:
-        if not match["time"]:
-            return datetime.fromisoformat(match["date"]).replace(tzinfo=timezone.utc)
-        tz = match["tz"] or "Z"
-        parsed = datetime.fromisoformat(f"{match['date']}T{match['time']}{'+00:00' if tz == 'Z' else tz}")
+        if not time:
+            return datetime.fromisoformat(day).replace(tzinfo=timezone.utc)
+        # The pattern matched all of `text`, which Python (3.11+) reads as it is, "Z" included: twice a
+        # count (its effective time and its lastUpdated), so it is not rebuilt from its parts.
+        parsed = datetime.fromisoformat(text if offset else text + "+00:00")
         parsed.astimezone(timezone.utc)  # a year-9999 instant with a negative offset cannot be ordered
     except (ValueError, OverflowError):
         return None

@@ -223,6 +223,7 @@ class Run:
         self.rules = assess.Rules.from_config(config, mappings)
         self._graded_at: dict[str, datetime] = {}  # patient -> earliest count graded in this batch
         self._priors: dict[str, Any] = {}  # ledger rows of the batch being recorded, read at once
+        self._classified: list[tuple[Reading, Classification, str, str]] = []  # see _write_classified
         self._ahead: dict[int, tuple[dict[str, Any], Any]] = {}  # the next page, extracted during a write
         self._stored: dict[str, list[Graded]] = {}  # counts of the chunk of patients being planned
         self._facts: dict[str, list[ContextFact]] = {}  # … and their context facts
@@ -566,10 +567,21 @@ class Run:
         ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
         found = self.state.ledgers(ids)
         self._priors = {i: found.get(i) for i in ids}
-        for resource in observations:
-            self._touched |= self._record(resource, retry, self._now, self._groups)
+        self._classified = []  # anything left by a batch that failed went with its rollback
+        extracted = [self._extracted(resource) for resource in observations]
+        if not retry:
+            self._note_pass([one.seen for one in extracted if one is not None])
+        for resource, one in zip(observations, extracted):
+            self._touched |= self._record(resource, one, retry, self._now, self._groups)
+        self._write_classified()
         self._priors = {}
         self._ahead = {}
+
+    def _write_classified(self) -> None:
+        # The page's graded counts go to state in one statement at its end, not one each. Until then
+        # they are not in the ledger: _record writes them first whenever it must read one back.
+        self.state.record_classified_many(self._classified)
+        self._classified = []
 
     def _settle(self, deleted: Mapping[str, set[str]] | None = None, context: context_source.Found | None = None,
                 ahead: list[dict[str, Any]] = ()) -> None:
@@ -764,22 +776,27 @@ class Run:
     def _extract(self, resource: dict[str, Any]) -> extract.Extracted | None:
         return extract.observation(resource, self.mappings, self.config.poll.statuses, self.input_kinds)
 
-    def _record(self, resource: dict[str, Any], retry: bool, now: str,
+    def _extracted(self, resource: dict[str, Any]) -> extract.Extracted | None:
+        """What extract.observation makes of it: taken while the previous writes were in flight, or now."""
+        early = self._ahead.pop(id(resource), None)
+        return early[1] if early is not None and early[0] is resource else self._extract(resource)
+
+    def _record(self, resource: dict[str, Any], extracted: extract.Extracted | None, retry: bool, now: str,
                 groups: set[tuple[str, datetime]]) -> set[str]:
         """Ledger one Observation version; return the patients whose outputs may change (two when the
         lab moved the result to another patient). With derived ANC on, add the (patient, effective time)
         groups whose derivation may change."""
-        early = self._ahead.pop(id(resource), None)
-        extracted = early[1] if early is not None and early[0] is resource else self._extract(resource)
         if extracted is None:
             self.summary.malformed += 1
             return set()
         seen = extracted.seen
         if not retry:
             self.summary.observations_read += 1
-            self._note_pass(seen)
-        prior = self._priors.pop(seen.observation_id) if seen.observation_id in self._priors \
-            else self.state.ledger(seen.observation_id)
+        if seen.observation_id in self._priors:
+            prior = self._priors.pop(seen.observation_id)
+        else:  # read twice in this page (or not looked up with it): its first version may be unwritten
+            self._write_classified()
+            prior = self.state.ledger(seen.observation_id)
         if not retry and prior is not None and prior.covers(seen.version, seen.last_updated):
             self.summary.already_processed += 1
             return set()
@@ -803,7 +820,7 @@ class Run:
         if isinstance(outcome, Reading):
             graded = self._classify(outcome)
             if isinstance(graded, Classification):
-                self.state.record_classified(outcome, graded, now, seen.last_updated)
+                self._classified.append((outcome, graded, now, seen.last_updated))
                 self._graded(outcome.patient_id, graded, outcome.effective)
                 self._row(outcome, graded)
                 return touched | {outcome.patient_id}
@@ -886,8 +903,9 @@ class Run:
                 or any(self.state.written(patient_id, kind) for kind in self.output.resources)}
 
     def _graded(self, patient_id: str, result: Classification, effective: datetime) -> None:
-        self.summary.grades[result.grade.value] += 1
-        if patient_id not in self._graded_at or effective < self._graded_at[patient_id]:
+        self.summary.grades[result.grade._value_] += 1  # `_value_`: `.value` is a descriptor call per count
+        earliest = self._graded_at.get(patient_id)
+        if earliest is None or effective < earliest:
             self._graded_at[patient_id] = effective
         if result.grade.abnormal:
             self._abnormal.add(patient_id)
@@ -983,21 +1001,24 @@ class Run:
         return classify.classify(reading.count, band, self.config.classify.profile,
                                  self.mappings.thresholds, lln)
 
-    def _note_pass(self, seen: extract.Seen) -> None:
+    def _note_pass(self, read: list[extract.Seen]) -> None:
         # An id read twice in one run's search means the result set changed under offset paging:
         # everything after its old place slid back, and an entry may have slid past a page boundary
         # unseen. The window this run searched is read again before the watermark may move. (The ids
-        # live in a temporary SQLite table, not in our memory.)
-        if self.state.seen_before_in_pass(seen.observation_id):
+        # live in a temporary SQLite table, not in our memory; a page's go in with one statement.)
+        if self.state.any_seen_before_in_pass([seen.observation_id for seen in read]):
             self._reread(self._run_since)
-        updated = extract.parse_datetime(seen.last_updated)
-        if updated is None:
-            return
-        if updated > self._run_started:
-            # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
-            # would hide everything written before it, so it never moves past the run's start.
-            updated = self._run_started
-        self._batch_max = _later(self._batch_max, updated)
+        # Each distinct lastUpdated once: a page often repeats one (a server may stamp a whole
+        # transaction, a bulk load, with the same instant).
+        for last_updated in dict.fromkeys(seen.last_updated for seen in read):
+            updated = extract.parse_datetime(last_updated)
+            if updated is None:
+                continue
+            if updated > self._run_started:
+                # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
+                # would hide everything written before it, so it never moves past the run's start.
+                updated = self._run_started
+            self._batch_max = _later(self._batch_max, updated)
 
     def _note_changed(self, prior: Any) -> None:
         """A new version of an Observation this state had read. If its previous version lay in the part of

@@ -189,7 +189,7 @@ class ContextFact:
     last_updated: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ledgered:
     version: str
     patient_id: str
@@ -301,8 +301,20 @@ class State:
 
     def seen_before_in_pass(self, observation_id: str) -> bool:
         """Record that this pass read the Observation; True when it had already read it."""
-        cursor = self.db.execute("INSERT INTO pass_ids VALUES (?) ON CONFLICT DO NOTHING", (observation_id,))
-        return cursor.rowcount == 0
+        return self.any_seen_before_in_pass([observation_id])
+
+    def any_seen_before_in_pass(self, observation_ids: list[str]) -> bool:
+        """Record that this pass read these Observations (a page); True when it had already read one of
+        them, or reads one twice here. One statement per _IN_BATCH ids: the rows it did not insert were
+        there before."""
+        distinct = list(dict.fromkeys(observation_ids))
+        again = len(distinct) < len(observation_ids)
+        for start in range(0, len(distinct), _IN_BATCH):
+            ids = distinct[start:start + _IN_BATCH]
+            cursor = self.db.execute(
+                f"INSERT INTO pass_ids VALUES {', '.join(['(?)'] * len(ids))} ON CONFLICT DO NOTHING", ids)
+            again |= cursor.rowcount < len(ids)
+        return again
 
     @classmethod
     def open(cls, location: Path | str) -> State:
@@ -500,16 +512,25 @@ class State:
 
     def record_classified(self, reading: Reading, result: Classification, now: str,
                           last_updated: str = "") -> None:
-        # Once per Observation read: the statement is built once, the row goes in as a tuple, and the
-        # enums give their plain `_value_` (`.value` is a descriptor call, a quarter µs each).
-        count = reading.count
-        self.db.execute(_RECORD_CLASSIFIED, (
-            reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
-            reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
-            result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
-            _to_json(reading.sources), now, last_updated,
-        ))
-        self.db.execute("DELETE FROM quarantine WHERE observation_id = ?", (reading.observation_id,))
+        self.record_classified_many([(reading, result, now, last_updated)])
+
+    def record_classified_many(self, graded: list[tuple[Reading, Classification, str, str]]) -> None:
+        """record_classified for a page of counts (reading, result, now, last_updated): a few multi-row
+        statements instead of two per count. The caller keeps read-after-write exact: a row not written
+        yet is not in ledger()."""
+        rows = [_classified_row(*row) for row in graded]
+        ids = [row[0] for row in rows]
+        if len(set(ids)) < len(ids):
+            # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
+            for row in rows:
+                self.db.execute(_record_classified_sql(1), row)
+        else:
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start:start + _ROWS_PER_INSERT]
+                self.db.execute(_record_classified_sql(len(chunk)), [value for row in chunk for value in row])
+        for start in range(0, len(ids), _IN_BATCH):
+            chunk = ids[start:start + _IN_BATCH]
+            self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({','.join('?' * len(chunk))})", chunk)
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
                        outcome: str, now: str, last_updated: str = "") -> None:
@@ -858,17 +879,35 @@ def where(config: Any) -> Path | str:
     return config.url or Path(config.path)
 
 
-@functools.lru_cache(maxsize=64)
-def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> str:
-    # Built once per statement shape: record_classified runs once per Observation read.
+@functools.lru_cache(maxsize=128)
+def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...], rows: int = 1) -> str:
+    # Built once per statement shape: record_classified runs once per Observation read. `rows` rows in
+    # one statement (their keys must differ).
     changes = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}"
             f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"))
 
 
-_RECORD_CLASSIFIED = _upsert_sql("observations", ("observation_id",), (
+_CLASSIFIED_COLUMNS = (
     "observation_id", "version", "status", "patient_id", "outcome", "effective", "anc_per_ul", "comparator",
-    "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated"))
+    "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated")
+
+
+def _record_classified_sql(rows: int) -> str:
+    return _upsert_sql("observations", ("observation_id",), _CLASSIFIED_COLUMNS, rows)
+
+
+def _classified_row(reading: Reading, result: Classification, now: str, last_updated: str) -> tuple[Any, ...]:
+    # Once per Observation read: the row is a plain tuple, and the enums give their plain `_value_`
+    # (`.value` is a descriptor call, a quarter µs each).
+    count = reading.count
+    return (
+        reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
+        reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
+        result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
+        _to_json(reading.sources), now, last_updated,
+    )
 
 
 @contextmanager
@@ -1025,6 +1064,10 @@ def _tighten(path: Path) -> None:
 
 
 _IN_BATCH = 500  # ids per `IN (…)`: well within every backend's limit on bound parameters
+# Graded counts per upsert statement: its bound parameters stay within _IN_BATCH, well within every
+# backend's limit (SQLite before 3.32 allowed 999). One statement of many rows costs SQLite about 0.6 µs
+# less per row than one statement each.
+_ROWS_PER_INSERT = _IN_BATCH // len(_CLASSIFIED_COLUMNS)
 
 
 def _ledgered(row: sqlite3.Row) -> Ledgered:

@@ -81,7 +81,14 @@ def classify(
     if isinstance(graded, Quarantine):
         return graded
     grade, at_least = graded
-    return Classification(grade=grade, at_least=at_least, age_band=band, notes=tuple(notes))
+    return _classification(grade, at_least, band, tuple(notes))
+
+
+@functools.lru_cache(maxsize=256)
+def _classification(grade: Grade, at_least: bool, band: AgeBand, notes: tuple[str, ...]) -> Classification:
+    # A handful of distinct results (grade, band, notes) for every count graded: each is built once and
+    # shared, which its being frozen makes safe.
+    return Classification(grade=grade, at_least=at_least, age_band=band, notes=notes)
 
 
 def _ctcae_band(ctcae: Band, lln_per_ul: float) -> tuple[tuple[Grade, float], ...]:

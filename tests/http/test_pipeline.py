@@ -239,6 +239,29 @@ def test_quarantine_retry_grades_only_the_named_ids_and_does_not_search(tmp_path
         assert written == ["Patient/a"]
 
 
+def test_an_observation_twice_on_one_page_sees_its_first_version(server, tmp_path):
+    # The page's graded counts reach state together at its end: the second copy of an id must still be
+    # judged against the first (already processed; a unit we cannot read keeps the earlier grade).
+    v1 = {"versionId": "1", "lastUpdated": "2026-11-20T09:00:00Z"}
+    v2 = {"versionId": "2", "lastUpdated": "2026-11-20T09:30:00Z"}
+    server.get(f"{BASE}/Observation", json=page(
+        anc("o1", "a", 0.4, meta=v1), anc("o1", "a", 0.4, meta=v1),
+        anc("o2", "b", 0.3, meta=v1), anc("o2", "b", 0.3, unit="Giga/L", meta=v2),
+        included=[patient("a"), patient("b")]))
+    state = str(tmp_path / "s.sqlite3")
+    assert main(["run", "--fhir-url", BASE, "--state", state]) == 0
+    from pathlib import Path
+
+    from adapter.state import State
+
+    opened = State.open(Path(state))
+    assert opened.counts_by_outcome() == {"classified": 2}
+    assert opened.ledger("o2").version == "1"  # the graded version stays in effect
+    assert [(q.observation_id, q.version) for q in opened.quarantined()] == [("o2", "2")]
+    written = sorted(e["resource"]["subject"]["reference"] for b in posted(server) for e in b["entry"])
+    assert written == ["Patient/a", "Patient/b"]
+
+
 @pytest.mark.parametrize("repeated,moves", [(False, True), (True, False)])
 def test_an_observation_read_twice_in_one_pass_keeps_the_watermark(tmp_path, repeated, moves):
     # Under offset paging an Observation updated while we page shows up again at the end, and everything

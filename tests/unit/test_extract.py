@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -119,3 +119,28 @@ def test_patient_birth_date_as_a_range(birth, earliest, latest):
     found = extract.patient({"resourceType": "Patient", "id": "p", "birthDate": birth})
     assert (str(found.born_earliest) if found.born_earliest else None) == earliest
     assert (str(found.born_latest) if found.born_latest else None) == latest
+
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-20T08:00:00Z", datetime(2026, 11, 20, 8, tzinfo=UTC)),
+    (" 2026-11-20T08:00Z\n", datetime(2026, 11, 20, 8, tzinfo=UTC)),
+    ("2026-11-20T08:00:00.25+01:00", datetime(2026, 11, 20, 8, 0, 0, 250000,
+                                                tzinfo=timezone(timedelta(hours=1)))),
+    ("2026-11-20T08:00:00", datetime(2026, 11, 20, 8, tzinfo=UTC)),  # no offset: taken as UTC
+    ("2026-11-20", datetime(2026, 11, 20, tzinfo=UTC)),
+    ("2026-11", None),  # less precise than a day
+    ("2026-11-20T08", None),
+    ("2026-11-20 08:00:00Z", None),  # Python reads it; FHIR does not allow it
+    ("20261120T080000Z", None),
+    ("2026-02-30T08:00:00Z", None),
+    ("9999-12-31T23:00:00-05:00", None),  # cannot be ordered against UTC times
+    (20261120, None),
+])
+def test_fhir_date_times_are_read_at_day_precision_or_finer(text, expected):
+    parsed = extract.parse_datetime(text)
+    assert parsed == expected
+    if expected is not None:
+        assert parsed.utcoffset() == expected.utcoffset()

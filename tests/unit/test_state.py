@@ -55,11 +55,39 @@ def test_discarding_a_plain_quarantine_marks_it_ignored(state):  # on SQLite and
     assert state.ledger("o2").outcome == "ignored"
 
 
+def test_a_page_of_graded_counts_is_recorded_as_each_would_be_alone(state):  # on SQLite and PostgreSQL (conftest)
+    graded = Classification(Grade.MILD, age_band=AgeBand.ADULT)
+    effective = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    page = [(Reading(f"o{i}", "1", "final", f"p{i % 7}", effective, Count(1000.0 + i)), graded, NOW, "")
+            for i in range(70)]  # more than one multi-row statement holds
+    with state.transaction():
+        state.quarantine("o5", "1", "p5", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o5"}, NOW)
+        state.record_classified_many(page)
+        # An id twice in one call: in order, the later version stands.
+        again = Reading("o9", "2", "final", "p2", effective, Count(450.0))
+        state.record_classified_many([page[9], (again, Classification(Grade.SEVERE, age_band=AgeBand.ADULT), NOW, "")])
+    assert state.counts_by_outcome() == {"classified": 70}
+    assert state.quarantined() == []  # graded now: out of the quarantine
+    assert (state.ledger("o9").version, state.ledger("o69").patient_id) == ("2", "p6")
+    assert sorted(r.count.anc_per_ul for r, _ in state.readings("p2")) == [450.0, 1002.0, 1016.0, 1023.0, 1030.0,
+                                                                           1037.0, 1044.0, 1051.0, 1058.0, 1065.0]
+
+
 def test_ids_read_twice_in_one_pass_are_noticed_and_a_new_pass_starts_clean(state):  # on SQLite and PostgreSQL (conftest)
     assert state.seen_before_in_pass("o1") is False
     assert state.seen_before_in_pass("o1") is True
     state.start_pass()
     assert state.seen_before_in_pass("o1") is False
+
+
+def test_a_page_of_ids_read_again_in_one_pass_is_noticed(state):  # on SQLite and PostgreSQL (conftest)
+    assert state.any_seen_before_in_pass([]) is False
+    assert state.any_seen_before_in_pass(["o1", "o2"]) is False
+    assert state.any_seen_before_in_pass(["o3", "o4", "o3"]) is True  # twice on one page
+    assert state.any_seen_before_in_pass(["o5", "o2"]) is True  # read on an earlier page
+    assert state.seen_before_in_pass("o5") is True
+    state.start_pass()
+    assert state.any_seen_before_in_pass(["o1", "o2", "o3", "o4", "o5"]) is False
 
 
 def test_written_inside_a_transaction_follows_every_write_and_a_rollback():
