@@ -213,11 +213,24 @@ def adapter_run(base_url: str, workdir: Path, page_size: int, batch: int = 0) ->
     return result
 
 
+STARTUP_OBSERVATIONS = 40  # the start-up run's data: enough for every path to run once (Flags written)
+
+
 def startup_cpu(workdir: Path) -> float:
-    """The adapter's fixed cost (interpreter, imports, one /metadata, an empty search)."""
-    with sekmet() as base_url:
-        result = adapter_run(base_url, workdir, 200)
-    return result["cpu_s"]
+    """The adapter's fixed cost: the interpreter, the imports, and the first use of each path (the R4B models
+    import their element types and build their validators at the first Flag, not at import). Measured as a
+    run over STARTUP_OBSERVATIONS counts, three times; the least of the three (the conservative choice: the
+    more start-up is subtracted, the less is left per observation)."""
+    db = workdir / "startup.sqlite3"
+    load(db, STARTUP_OBSERVATIONS)
+    runs = []
+    for attempt in range(3):
+        copy = workdir / f"startup-{attempt}.sqlite3"
+        copy_database(db, copy)
+        (workdir / f"startup-{attempt}").mkdir(exist_ok=True)
+        with sekmet_process(database=str(copy)) as (base_url, _):
+            runs.append(adapter_run(base_url, workdir / f"startup-{attempt}", 200)["cpu_s"])
+    return min(runs)
 
 
 def naive_run(base_url: str, page_size: int, budget_s: float) -> dict:
@@ -261,8 +274,11 @@ def table(result: dict) -> str:
     def rate(r):
         return r["processed"] / r["wall_s"]
 
-    def cpu_us(r, fixed=0.0):
-        return 1e6 * max(r["cpu_s"] - fixed, 0) / max(r["processed"], 1)
+    def cpu_us(r, fixed=None):
+        if fixed is None:
+            return 1e6 * r["cpu_s"] / max(r["processed"], 1)
+        # The start-up run processed STARTUP_OBSERVATIONS counts too: per observation beyond them.
+        return 1e6 * max(r["cpu_s"] - fixed, 0) / max(r["processed"] - STARTUP_OBSERVATIONS, 1)
 
     least_requests = least["requests"] + least["write_requests"]
     rows = [
@@ -311,7 +327,7 @@ def main() -> None:
           f"{platform.platform()}")
     with tempfile.TemporaryDirectory() as tmp:
         fixed = startup_cpu(Path(tmp))
-    print(f"adapter start-up CPU (empty server): {fixed:.2f} s")
+    print(f"adapter start-up CPU (a run over {STARTUP_OBSERVATIONS} counts, least of 3): {fixed:.2f} s")
     print(f"data: {'spread (a patient’s counts far apart)' if args.spread else 'each patient’s counts together'}; "
           f"[poll] batch_observations = {args.batch}\n")
     for n in args.sizes:
