@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -73,6 +74,22 @@ class Output:
     @property
     def grade_system(self) -> str:
         return f"{self.system_base}/CodeSystem/neutropenia-grade"
+
+    # What depends on the Output alone is built once, not for each resource (building these dicts and
+    # strings was a tenth of rendering a Flag). Every resource then holds the same dicts, as it holds
+    # NEUTROPENIA and AUTHOR: nothing here, in the sinks or in the client changes a resource once built.
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """The meta of every resource we write: our tag, which tells our resources from others'."""
+        return {"tag": [{"system": f"{self.system_base}/tag", "code": "anc-adapter"}]}
+
+    @cached_property
+    def identifier_systems(self) -> dict[str, str]:
+        return {kind: self.identifier_system(kind) for kind in _MODELS}
+
+    @cached_property
+    def grade_codings(self) -> dict[Grade, dict[str, str]]:
+        return {grade: {"system": self.grade_system, "code": grade.value, "display": grade.label} for grade in Grade}
 
 
 @dataclass(frozen=True)
@@ -410,7 +427,7 @@ def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]
     resource = {
         "resourceType": "Provenance",
         "id": stable_id(output.identifier_system("Provenance"), version),
-        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
+        "meta": output.meta,
         "target": [{"reference": target}],
         "recorded": _instant(datetime.now(timezone.utc).replace(microsecond=0)),
         "agent": [{
@@ -435,13 +452,13 @@ def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output)
 
 def _common(output: Output, resource_type: str, identifier: str) -> dict[str, Any]:
     return {
-        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
-        "identifier": [{"system": output.identifier_system(resource_type), "value": identifier}],
+        "meta": output.meta,
+        "identifier": [{"system": output.identifier_systems[resource_type], "value": identifier}],
     }
 
 
 def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
-    return {"system": output.grade_system, "code": grade.value, "display": grade.label}
+    return output.grade_codings[grade]
 
 
 def _text(assessed: AssessedCount, fever: Fever | None) -> str:
