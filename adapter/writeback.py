@@ -530,8 +530,12 @@ _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
 # Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
 _TEXT, _DATETIME, _DICT, _LIST, _END, _URI = object(), object(), object(), object(), object(), object()
-# Each varying leaf's class, for one lookup per string leaf.
-_VARYING = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+# Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
+# dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
+_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+_VARYING = {parent: {key: leaf_class for (p, key), leaf_class in _LEAF_CLASSES.items() if p == parent}
+            for parent, _ in _LEAF_CLASSES}
+_FIXED: dict[Any, object] = {}  # the table of a dict without varying leaves
 
 
 class _Unshaped(Exception):
@@ -568,11 +572,12 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
     if type(value) is not dict:
         raise _Unshaped
     emit(_DICT)
+    varying_keys = _VARYING.get(parent, _FIXED)
     for key, item in value.items():
         emit(key)
         kind = type(item)
         if kind is str:
-            varying = _VARYING.get((parent, key)) if key else None
+            varying = varying_keys.get(key)
             if varying is None:
                 emit(item)
             elif varying is _TEXT:
