@@ -19,7 +19,9 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from adapter.clinical.assess import AssessedCount, AssessedEpisode, Assessment
+from adapter.clinical.assess import (
+    PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_MEDIUM, AssessedCount, AssessedEpisode, Assessment,
+)
 from adapter.clinical.context import Fever, days_before, shown_celsius
 from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
@@ -45,6 +47,12 @@ QUALITATIVE_RISK = {
     Grade.CTCAE_0: "negligible",
 }
 AUTHOR = {"display": "anc-adapter"}
+# Parts of every Flag that depend on nothing (or only on its priority), built once like the codings above.
+_FLAG_CATEGORIES = [{"coding": [FLAG_CATEGORY]}]
+_PRIORITY_EXTENSIONS = {
+    code: {"url": FLAG_PRIORITY, "valueCodeableConcept": {"coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": code}]}}
+    for code in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW)
+}
 WITHDRAWN = ("entered-in-error", "cancelled")
 _MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment}
 
@@ -347,11 +355,9 @@ def _flag(patient_id: str, identifier: str, status: str, assessed: AssessedEpiso
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details] + [{
-            "url": FLAG_PRIORITY,
-            "valueCodeableConcept": {"coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": assessed.priority}]},
-        }],
-        "category": [{"coding": [FLAG_CATEGORY]}],
+        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details]
+        + [_PRIORITY_EXTENSIONS[assessed.priority]],
+        "category": _FLAG_CATEGORIES,
         "code": {"coding": coding, "text": _text(latest, assessed.fever)},
         "subject": {"reference": f"Patient/{patient_id}"},
         "period": period,
@@ -371,7 +377,7 @@ def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[st
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "category": [{"coding": [FLAG_CATEGORY]}],
+        "category": _FLAG_CATEGORIES,
         "code": {"coding": [NEUTROPENIA], "text": "Neutropenia alert withdrawn: its results were withdrawn"},
         "subject": {"reference": f"Patient/{patient_id}"},
         "author": AUTHOR,
