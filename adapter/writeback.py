@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -18,7 +19,9 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from adapter.clinical.assess import AssessedCount, AssessedEpisode, Assessment
+from adapter.clinical.assess import (
+    PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_MEDIUM, AssessedCount, AssessedEpisode, Assessment,
+)
 from adapter.clinical.context import Fever, days_before, shown_celsius
 from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
@@ -44,6 +47,12 @@ QUALITATIVE_RISK = {
     Grade.CTCAE_0: "negligible",
 }
 AUTHOR = {"display": "anc-adapter"}
+# Parts of every Flag that depend on nothing (or only on its priority), built once like the codings above.
+_FLAG_CATEGORIES = [{"coding": [FLAG_CATEGORY]}]
+_PRIORITY_EXTENSIONS = {
+    code: {"url": FLAG_PRIORITY, "valueCodeableConcept": {"coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": code}]}}
+    for code in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW)
+}
 WITHDRAWN = ("entered-in-error", "cancelled")
 _MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment}
 
@@ -73,6 +82,22 @@ class Output:
     @property
     def grade_system(self) -> str:
         return f"{self.system_base}/CodeSystem/neutropenia-grade"
+
+    # What depends on the Output alone is built once, not for each resource (building these dicts and
+    # strings was a tenth of rendering a Flag). Every resource then holds the same dicts, as it holds
+    # NEUTROPENIA and AUTHOR: nothing here, in the sinks or in the client changes a resource once built.
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """The meta of every resource we write: our tag, which tells our resources from others'."""
+        return {"tag": [{"system": f"{self.system_base}/tag", "code": "anc-adapter"}]}
+
+    @cached_property
+    def identifier_systems(self) -> dict[str, str]:
+        return {kind: self.identifier_system(kind) for kind in _MODELS}
+
+    @cached_property
+    def grade_codings(self) -> dict[Grade, dict[str, str]]:
+        return {grade: {"system": self.grade_system, "code": grade.value, "display": grade.label} for grade in Grade}
 
 
 @dataclass(frozen=True)
@@ -330,11 +355,9 @@ def _flag(patient_id: str, identifier: str, status: str, assessed: AssessedEpiso
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details] + [{
-            "url": FLAG_PRIORITY,
-            "valueCodeableConcept": {"coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": assessed.priority}]},
-        }],
-        "category": [{"coding": [FLAG_CATEGORY]}],
+        "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details]
+        + [_PRIORITY_EXTENSIONS[assessed.priority]],
+        "category": _FLAG_CATEGORIES,
         "code": {"coding": coding, "text": _text(latest, assessed.fever)},
         "subject": {"reference": f"Patient/{patient_id}"},
         "period": period,
@@ -354,7 +377,7 @@ def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[st
     return {
         "resourceType": "Flag",
         **_common(output, "Flag", identifier),
-        "category": [{"coding": [FLAG_CATEGORY]}],
+        "category": _FLAG_CATEGORIES,
         "code": {"coding": [NEUTROPENIA], "text": "Neutropenia alert withdrawn: its results were withdrawn"},
         "subject": {"reference": f"Patient/{patient_id}"},
         "author": AUTHOR,
@@ -410,7 +433,7 @@ def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]
     resource = {
         "resourceType": "Provenance",
         "id": stable_id(output.identifier_system("Provenance"), version),
-        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
+        "meta": output.meta,
         "target": [{"reference": target}],
         "recorded": _instant(datetime.now(timezone.utc).replace(microsecond=0)),
         "agent": [{
@@ -435,13 +458,13 @@ def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output)
 
 def _common(output: Output, resource_type: str, identifier: str) -> dict[str, Any]:
     return {
-        "meta": {"tag": [{"system": f"{output.system_base}/tag", "code": "anc-adapter"}]},
-        "identifier": [{"system": output.identifier_system(resource_type), "value": identifier}],
+        "meta": output.meta,
+        "identifier": [{"system": output.identifier_systems[resource_type], "value": identifier}],
     }
 
 
 def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
-    return {"system": output.grade_system, "code": grade.value, "display": grade.label}
+    return output.grade_codings[grade]
 
 
 def _text(assessed: AssessedCount, fever: Fever | None) -> str:
@@ -513,8 +536,12 @@ _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
 # Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
 _TEXT, _DATETIME, _DICT, _LIST, _END, _URI = object(), object(), object(), object(), object(), object()
-# Each varying leaf's class, for one lookup per string leaf.
-_VARYING = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+# Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
+# dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
+_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+_VARYING = {parent: {key: leaf_class for (p, key), leaf_class in _LEAF_CLASSES.items() if p == parent}
+            for parent, _ in _LEAF_CLASSES}
+_FIXED: dict[Any, object] = {}  # the table of a dict without varying leaves
 
 
 class _Unshaped(Exception):
@@ -551,11 +578,12 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
     if type(value) is not dict:
         raise _Unshaped
     emit(_DICT)
+    varying_keys = _VARYING.get(parent, _FIXED)
     for key, item in value.items():
         emit(key)
         kind = type(item)
         if kind is str:
-            varying = _VARYING.get((parent, key)) if key else None
+            varying = varying_keys.get(key)
             if varying is None:
                 emit(item)
             elif varying is _TEXT:
