@@ -309,8 +309,7 @@ class State:
         there before."""
         distinct = list(dict.fromkeys(observation_ids))
         again = len(distinct) < len(observation_ids)
-        for start in range(0, len(distinct), _IN_BATCH):
-            ids = distinct[start:start + _IN_BATCH]
+        for ids in _chunks(distinct):
             cursor = self.db.execute(
                 f"INSERT INTO pass_ids VALUES {', '.join(['(?)'] * len(ids))} ON CONFLICT DO NOTHING", ids)
             again |= cursor.rowcount < len(ids)
@@ -451,11 +450,10 @@ class State:
     def ledgers(self, observation_ids: list[str]) -> dict[str, Ledgered]:
         """ledger() for a page of Observations at once: one statement per 500 ids instead of one each."""
         found: dict[str, Ledgered] = {}
-        for start in range(0, len(observation_ids), _IN_BATCH):
-            ids = observation_ids[start:start + _IN_BATCH]
+        for ids in _chunks(observation_ids):
             for row in self.db.execute(
                 "SELECT observation_id, version, patient_id, outcome, effective, last_updated, sources, status"
-                f" FROM observations WHERE observation_id IN ({','.join('?' * len(ids))})", ids
+                f" FROM observations WHERE observation_id IN ({_marks(ids)})", ids
             ):
                 found[row["observation_id"]] = _ledgered(row)
         return found
@@ -470,7 +468,7 @@ class State:
             return set()
         ids = sorted(observation_ids)
         rows = self.db.execute(
-            f"SELECT observation_id FROM observations WHERE observation_id IN ({','.join('?' * len(ids))})", ids
+            f"SELECT observation_id FROM observations WHERE observation_id IN ({_marks(ids)})", ids
         ).fetchall()
         return {row["observation_id"] for row in rows}
 
@@ -525,12 +523,10 @@ class State:
             for row in rows:
                 self.db.execute(_record_classified_sql(1), row)
         else:
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                chunk = rows[start:start + _ROWS_PER_INSERT]
+            for chunk in _chunks(rows, _ROWS_PER_INSERT):
                 self.db.execute(_record_classified_sql(len(chunk)), [value for row in chunk for value in row])
-        for start in range(0, len(ids), _IN_BATCH):
-            chunk = ids[start:start + _IN_BATCH]
-            self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({','.join('?' * len(chunk))})", chunk)
+        for chunk in _chunks(ids):
+            self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({_marks(chunk)})", chunk)
 
     def record_outcome(self, observation_id: str, version: str, status: str, patient_id: str,
                        outcome: str, now: str, last_updated: str = "") -> None:
@@ -587,11 +583,8 @@ class State:
         """readings() for many patients at once (each in no particular order): one statement per 500
         patients instead of one each, for planning a part of a batch."""
         found: dict[str, list[tuple[Reading, Classification]]] = {patient_id: [] for patient_id in patient_ids}
-        for start in range(0, len(patient_ids), _IN_BATCH):
-            ids = patient_ids[start:start + _IN_BATCH]
-            for row in self.db.execute(
-                _SELECT_READINGS + f" AND patient_id IN ({','.join('?' * len(ids))})", ids
-            ):
+        for ids in _chunks(patient_ids):
+            for row in self.db.execute(_SELECT_READINGS + f" AND patient_id IN ({_marks(ids)})", ids):
                 graded = _reading_row(row)
                 found[graded[0].patient_id].append(graded)
         return found
@@ -667,10 +660,9 @@ class State:
     def context_facts_of(self, patient_ids: list[str]) -> dict[str, list[ContextFact]]:
         """context_facts() for many patients at once, each patient's in the same order."""
         found: dict[str, list[ContextFact]] = {patient_id: [] for patient_id in patient_ids}
-        for start in range(0, len(patient_ids), _IN_BATCH):
-            ids = patient_ids[start:start + _IN_BATCH]
+        for ids in _chunks(patient_ids):
             for row in self.db.execute(
-                f"SELECT * FROM context_facts WHERE patient_id IN ({','.join('?' * len(ids))})"
+                f"SELECT * FROM context_facts WHERE patient_id IN ({_marks(ids)})"
                 " AND kind != 'none' ORDER BY patient_id, resource_type, resource_id", ids
             ):
                 found[row["patient_id"]].append(_fact_row(row))
@@ -1068,6 +1060,17 @@ _IN_BATCH = 500  # ids per `IN (…)`: well within every backend's limit on boun
 # backend's limit (SQLite before 3.32 allowed 999). One statement of many rows costs SQLite about 0.6 µs
 # less per row than one statement each.
 _ROWS_PER_INSERT = _IN_BATCH // len(_CLASSIFIED_COLUMNS)
+
+
+def _chunks(values: list[Any], size: int = _IN_BATCH) -> Iterator[list[Any]]:
+    """Consecutive slices of at most `size`: one statement each, within the backends' parameter limits."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _marks(values: list[Any]) -> str:
+    """The placeholders of an `IN (…)` list for these values."""
+    return ",".join("?" * len(values))
 
 
 def _ledgered(row: sqlite3.Row) -> Ledgered:
