@@ -205,7 +205,7 @@ def _plan_risk_assessments(
     patient_id: str, assessment: Assessment, previously: list[Written], output: Output
 ) -> list[Planned]:
     before = {w.identifier: w for w in previously}
-    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {}
+    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str | None]] = {}
     for assessed in assessment.counts:
         reading, result = assessed.graded
         # Scoped to the patient: a result re-filed to another patient gets a new assessment there while
@@ -215,27 +215,29 @@ def _plan_risk_assessments(
             continue
         body = _risk_assessment(patient_id, identifier, assessed, output)
         prior = before.get(identifier)
-        changed = prior is not None and (not _same_content(prior.content_hash, body, _hash(body))
+        content_hash = _hash(body)
+        changed = prior is not None and (not _same_content(prior.content_hash, body, content_hash)
                                          or prior.status in WITHDRAWN)
         status = "amended" if changed else (prior.status if prior else "final")
-        wanted[identifier] = (status, body, reading.evidence)
+        wanted[identifier] = (status, body, reading.evidence, content_hash)
     for identifier, written in before.items():
         if identifier not in wanted and written.status not in WITHDRAWN:
             body = _withdrawn_risk_assessment(patient_id, identifier, output)
-            wanted[identifier] = ("entered-in-error", body, written.evidence)
+            wanted[identifier] = ("entered-in-error", body, written.evidence, None)
     return [
         planned
-        for identifier, (status, body, evidence) in sorted(wanted.items())
+        for identifier, (status, body, evidence, content_hash) in sorted(wanted.items())
         if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier),
-                             evidence))
+                             evidence, content_hash))
     ]
 
 
 def _plan(
     resource_type: str, identifier: str, patient_id: str, status: str, body: dict[str, Any],
-    prior: Written | None, evidence: tuple[str, ...] = (),
+    prior: Written | None, evidence: tuple[str, ...] = (), content_hash: str | None = None,
 ) -> Planned | None:
-    content_hash = _hash(body)
+    """`content_hash`: _hash(body), when the caller has it already."""
+    content_hash = content_hash or _hash(body)
     server_id = prior.server_id if prior else None
     if prior is not None and prior.status == status and _same_content(prior.content_hash, body, content_hash):
         if prior.evidence == evidence and prior.content_hash == content_hash:
