@@ -649,8 +649,7 @@ class Run:
             self._flags_of_ours = self._any_flag_of_ours()
         if not self._flags_of_ours:
             return  # the server had no Flag of ours when this run began to need one: nothing to adopt
-        for start in range(0, len(unknown), _ADOPT_BATCH):
-            batch = unknown[start:start + _ADOPT_BATCH]
+        for batch in source.url_batches(unknown, _ADOPT_BATCH, context_source.SUBJECT_CHARS, prefix="Patient/"):
             params = {"subject": ",".join(f"Patient/{p}" for p in batch), "_count": 1000,
                       "_tag": f"{self.output.system_base}/tag|anc-adapter"}
             try:

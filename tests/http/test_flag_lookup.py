@@ -78,3 +78,22 @@ def test_a_server_holding_other_flags_than_the_state_knows_gets_the_lookups(tmp_
     gets = second_run(tmp_path, total)
     lookups = [g for g in gets if "subject=" in g]
     assert len(lookups) == 2, gets  # 60 new patients, 50 per lookup
+
+
+def test_a_lookup_keeps_its_subjects_within_the_url_budget_however_long_the_ids(tmp_path):
+    from urllib.parse import parse_qs, urlsplit
+
+    from adapter.context_source import SUBJECT_CHARS
+
+    patients = [f"p{n:02d}-" + "x" * 60 for n in range(50)]  # 50 a lookup, but 50 × 72 characters is too long
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(f"{BASE}/metadata", json=CAPABILITY)
+        mock.get(FLAG_SEARCH, json={**EMPTY_SEARCH, "entry": [{"resource": OURS}]})
+        mock.add_callback(responses.POST, BASE, callback=transaction_echo)
+        mock.get(f"{BASE}/Observation", json=page(*(anc(f"o{n}", p, 0.4) for n, p in enumerate(patients))))
+        for p in patients:
+            mock.get(f"{BASE}/Patient/{p}", json={"resourceType": "Patient", "id": p, "birthDate": "1970-01-01"})
+        assert main(["run", "--fhir-url", BASE, "--state", str(tmp_path / "s.sqlite3")]) == 0
+        subjects = [parse_qs(urlsplit(g).query)["subject"][0] for g in flag_gets(mock) if "subject=" in g]
+    assert len(subjects) == 2 and all(len(s) <= SUBJECT_CHARS for s in subjects)
+    assert sorted(r for s in subjects for r in s.split(",")) == sorted(f"Patient/{p}" for p in patients)
