@@ -37,3 +37,16 @@ def test_the_console_script_freezes_what_the_imports_built_before_running(monkey
         assert cli.console() > 1000  # the imported modules' objects: out of every later collection's way
     finally:
         gc.unfreeze()
+
+
+def test_the_console_script_collects_young_objects_less_often_than_every_700(monkeypatch):
+    import gc
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(cli, "main", lambda argv=None: gc.get_threshold())
+    try:
+        young, *older = cli.console()
+        assert young >= 50_000 and tuple(older) == before[1:]  # a page's parse no longer triggers dozens
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
