@@ -12,10 +12,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import urlencode
 
 from adapter import source
 from adapter.config import ContextConfig
-from adapter.errors import AuthError, FhirError
+from adapter.errors import AuthError, FhirError, PermanentHttpError
 from adapter.fhir.client import FhirClient
 from adapter.mappings import ContextMappings
 
@@ -39,6 +40,7 @@ class Found:
     max_last_updated: str = ""  # the latest meta.lastUpdated seen (server clock), for the poll watermark
     complete: bool = True  # False when a search failed: what was read is still used
     undeclared: set[str] = field(default_factory=set)  # types not searched: the server does not declare it
+    batch_refused: bool = False  # the server would not answer the searches in a batch: one by one from now
 
 
 def searchable(statement: Any) -> dict[str, frozenset[str]]:
@@ -62,19 +64,30 @@ def searchable(statement: Any) -> dict[str, frozenset[str]]:
     return declared
 
 
+def batchable(statement: Any) -> bool:
+    """Does the server declare batches (a system interaction)? Then a group's searches go in one."""
+    rests = statement.get("rest") if isinstance(statement, dict) else None
+    return any(isinstance(rest, dict) and rest.get("mode", "server") == "server"
+               and isinstance(rest.get("interaction"), list)
+               and any(isinstance(i, dict) and i.get("code") == "batch" for i in rest["interaction"])
+               for rest in (rests if isinstance(rests, list) else []))
+
+
 def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: ContextMappings,
          switches: ContextConfig, declared: Mapping[str, frozenset[str]],
-         updated_since: datetime | None = None) -> Found:
+         updated_since: datetime | None = None, batched: bool = False) -> Found:
     """Context resources of these patients. `patients` maps each to the earliest count being graded for
     it (None: no bound): temperatures are read from `window_hours` before it, chemotherapy from the
     lookback before it. `updated_since`: only what changed since then (the incremental poll).
-    `declared`: see searchable(); a search the server does not declare is not sent."""
+    `declared`: see searchable(); a search the server does not declare is not sent. `batched` (the server
+    declares batches): a group's searches are sent in one batch (see _read_batched)."""
     found = Found()
     ordered = sorted(patients, key=lambda p: (patients[p] is None, patients[p] or datetime.min, p))
     for batch in _batches(ordered):  # sorted by time, so one batch's bound suits all its patients
         subjects = ",".join(f"Patient/{p}" for p in batch)
         times = [patients[p] for p in batch]
         around = None if any(t is None for t in times) else min(t for t in times if t is not None)
+        searches: list[tuple[str, dict[str, Any]]] = []
         for resource_type, params in _searches(mappings, switches):
             params = {**params, "subject": subjects, "_count": 1000}
             if updated_since is not None:
@@ -87,19 +100,68 @@ def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: 
             if missing:
                 found.undeclared.add(resource_type)
                 continue
-            try:
-                for bundle in client.search(resource_type, params):
-                    _collect(bundle, found)
-            except (FhirError, AuthError) as exc:
-                # The counts' alerts go out without this context rather than not at all; said in the log.
-                # Also a search refused (a token without this type's read scope) or down after retries:
-                # raised, it would roll back the counts' page and hold every alert back until it recovers.
-                found.complete = False
-                log.warning("could not read clinical context; alerts are written without it",
-                            extra={"event": "context-read-failed", "resource_type": resource_type,
-                                   "error": str(exc)})
+            searches.append((resource_type, params))
+        if batched and len(searches) > 1 and not found.batch_refused:
+            searches = _read_batched(client, searches, found)
+        for resource_type, params in searches:
+            _search(client, resource_type, params, found)
     _resolve_medications(client, found)
     return found
+
+
+def _search(client: FhirClient, resource_type: str, params: dict[str, Any], found: Found,
+            first: dict[str, Any] | None = None) -> None:
+    try:
+        for bundle in client.search(resource_type, params, first=first):
+            _collect(bundle, found)
+    except (FhirError, AuthError) as exc:
+        # The counts' alerts go out without this context rather than not at all; said in the log.
+        # Also a search refused (a token without this type's read scope) or down after retries:
+        # raised, it would roll back the counts' page and hold every alert back until it recovers.
+        found.complete = False
+        log.warning("could not read clinical context; alerts are written without it",
+                    extra={"event": "context-read-failed", "resource_type": resource_type, "error": str(exc)})
+
+
+def _read_batched(client: FhirClient, searches: list[tuple[str, dict[str, Any]]],
+                  found: Found) -> list[tuple[str, dict[str, Any]]]:
+    """A group's searches in one request: a FHIR batch whose entries are the same GETs. Each search costs
+    the client about 2.5 ms of CPU on its own (most of it requests and urllib3 encoding a long query,
+    twice), and the server a request's overhead; the batch costs about as much as one of them (measured on
+    Sekmet: 200 patients' four searches, 10 ms of client CPU apart, 3 ms in a batch; server 12.5 -> 10 ms).
+    The searches and what is read of them do not change: an answer's further pages are followed with GET
+    as before. Returns the searches to send on their own: an entry that did not answer with a page (that
+    search then gets the usual retries and error handling), or all of them when the server refuses the
+    batch or answers it with something else (`found.batch_refused`: not asked again this run)."""
+    bundle = {"resourceType": "Bundle", "type": "batch",
+              "entry": [{"request": {"method": "GET", "url": f"{kind}?{urlencode(params)}"}}
+                        for kind, params in searches]}
+    try:
+        answer = client.batch(bundle)
+    except (PermanentHttpError, AuthError) as exc:
+        found.batch_refused = True
+        log.warning("the server refused the context searches in a batch: they are sent one by one",
+                    extra={"event": "context-batch-refused", "error": str(exc)})
+        return searches
+    except FhirError:
+        return searches  # down after retries: each search on its own, with its retries, then as before
+    entries = answer.get("entry") if answer.get("resourceType") == "Bundle" else None
+    if not isinstance(entries, list) or len(entries) != len(searches):
+        found.batch_refused = True
+        log.warning("the server answered the context searches' batch with something else: they are sent one by "
+                    "one", extra={"event": "context-batch-refused", "error": "not one answer per search"})
+        return searches
+    alone = []
+    for (kind, params), entry in zip(searches, entries):
+        page = entry.get("resource") if isinstance(entry, dict) else None
+        response = entry.get("response") if isinstance(entry, dict) else None
+        status = response.get("status") if isinstance(response, dict) else None
+        if isinstance(status, str) and status.startswith("2") and isinstance(page, dict) \
+                and page.get("resourceType") == "Bundle":
+            _search(client, kind, params, found, first=page)
+        else:
+            alone.append((kind, params))
+    return alone
 
 
 def _batches(patient_ids: list[str]) -> Iterator[list[str]]:

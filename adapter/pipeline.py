@@ -230,6 +230,7 @@ class Run:
         self._backlog = False  # the search matches _BATCH_OBSERVATIONS or more: batched by size
         self._flags_of_ours: bool | None = None  # any Flag of ours on the server? asked once, when needed
         self._declared: dict[str, frozenset[str]] | None = None  # context searches the server declares
+        self._batch_reads = False  # … and whether they can go in one batch (context_source._read_batched)
         self._undeclared_said: set[str] = set()
 
     def execute(self, window: Window = Window()) -> Summary:
@@ -950,13 +951,17 @@ class Run:
                       updated_since: datetime | None = None) -> context_source.Found:
         if self._declared is None:
             try:
-                self._declared = context_source.searchable(self.client.get("metadata"))
+                statement = self.client.get("metadata")
+                self._declared = context_source.searchable(statement)
+                self._batch_reads = context_source.batchable(statement)
             except PermanentHttpError as exc:
                 log.warning("no CapabilityStatement: clinical context is not read",
                             extra={"event": "context-not-searchable", "error": str(exc)})
                 self._declared = {}
         found = context_source.read(self.client, patients, self.mappings.context, self.config.context,
-                                    self._declared, updated_since=updated_since)
+                                    self._declared, updated_since=updated_since, batched=self._batch_reads)
+        if found.batch_refused:
+            self._batch_reads = False
         for resource_type in sorted(found.undeclared - self._undeclared_said):
             self._undeclared_said.add(resource_type)
             log.warning("the server does not declare the search this context needs: not read",

@@ -132,6 +132,7 @@ class FaultProxy(Serving):
         self._hold_s = 0.0
         self._hold_from = 0  # requests received before the hold starts
         self._hold_after_method: str | None = None  # the hold starts after a request with this method
+        self._hold_after_body = b""  # … whose body contains this
         self._received = 0
         self._released = threading.Event()
         self._jitter = random.Random(f"{seed}:jitter")
@@ -147,26 +148,29 @@ class FaultProxy(Serving):
     def injected(self) -> int:
         return sum(n for kind, n in self.counts.items() if kind != LOST_WRITE)
 
-    def hold(self, seconds: float, after: int = 0, after_method: str | None = None) -> None:
+    def hold(self, seconds: float, after: int = 0, after_method: str | None = None,
+             body_containing: bytes = b"") -> None:
         """Once `after` more requests have passed — or, with `after_method`, once a request with that
-        method has passed (e.g. "POST": the first write went through) — every request waits this long
-        before anything else happens (a hung server or gateway); `stop` releases them. 0 seconds ends it."""
+        method (and a body containing `body_containing`) has passed (e.g. "POST" and b'"transaction"': the
+        first write went through) — every request waits this long before anything else happens (a hung
+        server or gateway); `stop` releases them. 0 seconds ends it."""
         with self._lock:
             self._hold_s = seconds
             self._hold_from = self._received + after
             self._hold_after_method = after_method
+            self._hold_after_body = body_containing
 
     def stop(self) -> None:
         self._released.set()  # held requests go first, or shutdown would wait for them
         super().stop()
 
     # -- used by the handler -------------------------------------------------------------------
-    def _wait_if_held(self, method: str) -> None:
+    def _wait_if_held(self, method: str, body: bytes) -> None:
         with self._lock:
             self._received += 1
             waiting_for_method = self._hold_after_method is not None
             hold_s = self._hold_s if self._received > self._hold_from and not waiting_for_method else 0.0
-            if waiting_for_method and method == self._hold_after_method:
+            if waiting_for_method and method == self._hold_after_method and self._hold_after_body in body:
                 self._hold_after_method = None  # this one passes; every later request is held
             self.held += bool(hold_s)
         if hold_s:
@@ -231,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        proxy._wait_if_held(self.command)
+        proxy._wait_if_held(self.command, body)
         fault = proxy._decide(self.command)
         if fault is not None and fault.kind == SLOW:
             time.sleep(proxy._delay())

@@ -147,8 +147,15 @@ class FhirClient:
         server echoes every resource we sent, which it must serialise and we must parse."""
         return self._call("POST", self.base_url, body=bundle, minimal=True)
 
-    def search(self, resource_type: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def batch(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        """POST a batch Bundle of reads (searches) and return the batch-response, whose entries carry what
+        each read answered. Retried, as reads are; no `Prefer: return=minimal`: the answers are the point."""
+        return self._call("POST", self.base_url, body=bundle)
+
+    def search(self, resource_type: str, params: dict[str, Any],
+               first: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Yield search result pages (Bundles), following `next` exactly as given (CONTRACT §3).
+        `first`: the search's first page, already in hand (answered inside a batch): paging goes on from it.
 
         The next page is fetched in the background while the caller works on this one, so the server
         pages while we classify and write (reads only: nothing about commit order changes)."""
@@ -156,7 +163,11 @@ class FhirClient:
         permit: _Permit | None = None
         if self._stopping():
             raise Stopped("stop requested")
-        pending = in_background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
+        if first is None:
+            pending = in_background(self._attempts, "GET", f"{self.base_url}/{resource_type}", params, None)
+        else:
+            pending = Future()
+            pending.set_result(first)
         try:
             for _ in range(self.max_pages):
                 bundle = self._await(pending)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -22,12 +23,12 @@ EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
 ANC_CODE = "http://loinc.org|751-8"
 
 
-def capability(types=CONTEXT_TYPES) -> dict:
+def capability(types=CONTEXT_TYPES, system=("transaction",)) -> dict:
     resources = [{"type": kind, "interaction": [{"code": "search-type"}],
                   "searchParam": [{"name": name} for name in PARAMS]} for kind in types]
     resources.append({"type": "Flag", "conditionalUpdate": True, "searchParam": [{"name": "identifier"}]})
     return {"resourceType": "CapabilityStatement",
-            "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": resources}]}
+            "rest": [{"mode": "server", "interaction": [{"code": code} for code in system], "resource": resources}]}
 
 
 def bundle(*resources) -> dict:
@@ -44,6 +45,9 @@ class Server:
         self.medications: dict[str, dict] = {}
         self.down: dict[str, int] = {}  # context searches of this type answer 503 this many more times
         self.posted: list[dict] = []
+        self.batches: list[list[str]] = []  # the GET urls of each batch of searches posted
+        self.refuse_batches = False  # a batch of searches answers 400
+        self.next_pages: dict[str, list[dict]] = {}  # a context search of this type has a second page of these
         mock.get(f"{BASE}/metadata", json=statement)
         mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), json=EMPTY)
         mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/Medication/[^/?]+"),
@@ -77,11 +81,15 @@ class Server:
         if self.down.get(kind):
             self.down[kind] -= 1
             return 503, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]})
+        if "page" in query:  # a second page of this type's search
+            return 200, {}, json.dumps(bundle(*self.next_pages.pop(kind, [])))
         subjects = set(query.get("subject", [""])[0].split(","))
         since = query.get("_lastUpdated", ["ge"])[0][2:]  # like a server: only what changed since then
-        return 200, {}, json.dumps(bundle(*[r for r in self.context.get(kind, [])
-                                            if r["subject"]["reference"] in subjects
-                                            and r.get("meta", {}).get("lastUpdated", "9999") >= since]))
+        answer = bundle(*[r for r in self.context.get(kind, []) if r["subject"]["reference"] in subjects
+                          and r.get("meta", {}).get("lastUpdated", "9999") >= since])
+        if self.next_pages.get(kind):
+            answer["link"] = [{"relation": "next", "url": f"{BASE}/{kind}?page=2"}]
+        return 200, {}, json.dumps(answer)
 
     def _medication(self, request) -> tuple[int, dict, str]:
         medication_id = urlparse(request.url).path.rsplit("/", 1)[1]
@@ -91,10 +99,30 @@ class Server:
 
     def _transaction(self, request) -> tuple[int, dict, str]:
         sent = json.loads(request.body)
+        if sent["type"] == "batch" and all(e["request"]["method"] == "GET" for e in sent["entry"]):
+            return self._searches(sent)
         self.posted.append(sent)
         entries = [{"response": {"status": "201 Created", "location": f"X/x{i}/_history/1"}}
                    for i, _ in enumerate(sent["entry"])]
         return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+    def _searches(self, sent: dict) -> tuple[int, dict, str]:
+        """A batch of searches: each entry answered as the same GET would be."""
+        urls = [e["request"]["url"] for e in sent["entry"]]
+        self.batches.append(urls)
+        if self.refuse_batches:
+            return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "not-supported"}]})
+        entries = []
+        for url in urls:
+            status, _, body = self._search(SimpleNamespace(url=f"{BASE}/{url}"))
+            entries.append({"resource": json.loads(body), "response": {"status": f"{status} OK"}} if status == 200
+                           else {"response": {"status": str(status), "outcome": json.loads(body)}})
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
+
+    def batched(self, kind: str) -> list[dict[str, list[str]]]:
+        """Query parameters of every context search of this type sent inside a batch."""
+        return [parse_qs(urlparse(url).query) for urls in self.batches for url in urls
+                if urlparse(url).path == kind]
 
     def flags(self) -> dict[str, dict]:
         return {e["resource"]["subject"]["reference"]: e["resource"] for b in self.posted for e in b["entry"]
@@ -244,3 +272,72 @@ def test_a_batch_of_subjects_stays_within_the_url_budget_however_long_the_ids():
     assert all(len(",".join(f"Patient/{p}" for p in b)) <= context_source.SUBJECT_CHARS for b in batches)
     assert len(batches) == 3  # 48 a request at 73 characters each
     assert [len(b) for b in context_source._batches([f"p{i}" for i in range(450)])] == [200, 200, 50]
+
+
+FEVER = {"resourceType": "Observation", "id": "t1", "status": "final", "meta": {"lastUpdated": "2026-11-20T07:00:00Z"},
+         "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+         "subject": {"reference": "Patient/p000"}, "effectiveDateTime": "2026-11-20T06:00:00Z",
+         "valueQuantity": {"value": 38.6, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}}
+
+
+@pytest.fixture
+def batching():
+    """A server that declares batches: the context searches of a group of patients go in one."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield Server(mock, capability(system=("transaction", "batch")))
+
+
+def test_a_server_with_batches_gets_each_groups_context_searches_in_one_request(batching, tmp_path):
+    n = context_source.BATCH + 10
+    batching.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
+    batching.context["Observation"] = [FEVER]
+    assert run(tmp_path) == 0
+    assert len(batching.batches) == 2  # BATCH + 10 patients: two groups, one request each
+    for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
+        assert batching.requests(kind) == [], kind  # no search of its own
+        searches = batching.batched(kind)
+        # The same searches as one by one (test_context_is_read_in_batches_of_subjects_never_one_request_per_patient)
+        assert [len(s["subject"][0].split(",")) for s in searches] == [context_source.BATCH, 10], kind
+        assert searches[0]["_count"] == ["1000"]
+    temperatures = batching.batched("Observation")[0]
+    assert set(temperatures["code"][0].split(",")) == {"http://loinc.org|8310-5", "http://loinc.org|8331-1"}
+    assert temperatures["date"] == ["ge2026-11-19T08:00:00Z"]
+    assert batching.batched("MedicationAdministration")[0]["_include"] == ["MedicationAdministration:medication"]
+    # What a batch answered is used as a search's answer is: the fever makes the Flag febrile.
+    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+
+
+def test_a_search_whose_batch_entry_failed_is_sent_on_its_own(batching, tmp_path):
+    batching.counts = [anc("o1", "p000", 0.3), patient("p000")]
+    batching.context["Observation"] = [FEVER]
+    batching.down["Observation"] = 1  # its entry in the batch answers 503; the GET after it succeeds
+    assert run(tmp_path) == 0
+    assert len(batching.batches) == 1 and len(batching.batched("Observation")) == 1
+    [alone] = batching.requests("Observation")
+    assert alone == batching.batched("Observation")[0]  # the same search, on its own
+    assert batching.requests("Procedure") == []  # the others were answered in the batch
+    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+
+
+def test_a_server_that_refuses_a_batch_of_searches_gets_them_one_by_one_for_the_rest_of_the_run(batching, tmp_path):
+    n = context_source.BATCH + 10
+    batching.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
+    batching.context["Observation"] = [FEVER]
+    batching.refuse_batches = True
+    assert run(tmp_path) == 0
+    assert len(batching.batches) == 1  # refused once: not asked again
+    for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
+        assert len(batching.requests(kind)) == 2, kind  # both groups' searches, one by one
+    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+
+
+def test_a_batch_answer_with_a_next_page_is_paged_as_a_search(batching, tmp_path):
+    batching.counts = [anc("o1", "p000", 0.3), patient("p000")]
+    batching.context["Observation"] = [{**FEVER, "id": "t0", "valueQuantity": {**FEVER["valueQuantity"], "value": 37.0},
+                                        "effectiveDateTime": "2026-11-20T05:00:00Z"}]
+    batching.next_pages["Observation"] = [FEVER]  # the fever is on the second page only
+    assert run(tmp_path) == 0
+    assert len(batching.batches) == 1
+    pages = [c.request.url for c in batching.mock.calls if "page=2" in c.request.url]
+    assert pages == [f"{BASE}/Observation?page=2"]
+    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")

@@ -51,9 +51,9 @@ def test_a_signal_while_the_server_hangs_stops_at_a_safe_point_and_the_rerun_fin
     state_path = tmp_path / "state.sqlite3"
     proxy = FaultProxy(fhir_server.base_url, rate=0.0)
     # Everything up to page 1's write passes (metadata, page 1, the prefetch of page 2, the context reads
-    # and the Flag lookup for page 1's patients, the write); then every request hangs (longer than the
-    # test waits for the process): page 1 is committed, page 2 cannot be.
-    proxy.hold(120, after_method="POST")
+    # — a batch, also a POST — and the Flag lookup for page 1's patients, the write); then every request
+    # hangs (longer than the test waits for the process): page 1 is committed, page 2 cannot be.
+    proxy.hold(120, after_method="POST", body_containing=b'"type":"transaction"')
     proxy.start()
     try:
         env = {k: v for k, v in os.environ.items() if k != crashpoints.ENV}
