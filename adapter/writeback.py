@@ -146,8 +146,34 @@ def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Writte
     derived one, a result re-filed), else gets a new identifier from its first abnormal Observation
     (deterministic, so a rerun after a crash finds the same one). A Flag left over is entered-in-error."""
     before = {w.identifier: w for w in previously}
-    live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
     found = [assessed.episode for assessed in assessment.episodes]
+    # Most patients planned have no Flag yet: nothing to match, keep or withdraw.
+    claimed, pending = _claims(patient_id, found, previously, unread) if previously else ({}, set())
+    wanted: dict[str, tuple[str, dict[str, Any], frozenset[str], tuple[Any, ...] | None]] = {}
+    for index, episode in enumerate(found):
+        match = claimed.get(index)
+        identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
+        status = "active" if episode.closed_by is None else "inactive"
+        body, built = _flag(patient_id, identifier, assessment.episodes[index], output)
+        wanted[identifier] = (status, body, episode.evidence, built)
+    for identifier, written in before.items():
+        if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
+            # No remaining evidence: withdrawn, amended away, or merged into an older episode.
+            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
+                                  frozenset(written.evidence), None)
+    return [
+        planned
+        for identifier, (status, body, evidence, built) in sorted(wanted.items())
+        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier),
+                             tuple(sorted(evidence)), built=built))
+    ]
+
+
+def _claims(patient_id: str, found: list[Episode], previously: list[Written],
+            unread: frozenset[str]) -> tuple[dict[int, Written], set[str]]:
+    """Which earlier Flag each episode keeps (by the episode's index), and the identifiers of the Flags
+    not judged yet (their evidence unread)."""
+    live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
     claimed: dict[int, Written] = {}
     for index, episode in enumerate(found):
         natural = scoped(patient_id, episode.first[0].observation_id)
@@ -166,24 +192,7 @@ def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Writte
     for index in reversed(range(len(found))):  # the most recent episode first
         if index not in claimed and orphans:
             claimed[index] = orphans.pop()
-    wanted: dict[str, tuple[str, dict[str, Any], frozenset[str]]] = {}
-    for index, episode in enumerate(found):
-        match = claimed.get(index)
-        identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
-        status = "active" if episode.closed_by is None else "inactive"
-        body = _flag(patient_id, identifier, status, assessment.episodes[index], output)
-        wanted[identifier] = (status, body, episode.evidence)
-    for identifier, written in before.items():
-        if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
-            # No remaining evidence: withdrawn, amended away, or merged into an older episode.
-            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
-                                  frozenset(written.evidence))
-    return [
-        planned
-        for identifier, (status, body, evidence) in sorted(wanted.items())
-        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier),
-                             tuple(sorted(evidence))))
-    ]
+    return claimed, pending
 
 
 def _new_identifier(patient_id: str, episode: Episode, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -235,8 +244,10 @@ def _plan_risk_assessments(
 def _plan(
     resource_type: str, identifier: str, patient_id: str, status: str, body: dict[str, Any],
     prior: Written | None, evidence: tuple[str, ...] = (), content_hash: str | None = None,
+    built: tuple[Any, ...] | None = None,
 ) -> Planned | None:
-    """`content_hash`: _hash(body), when the caller has it already."""
+    """`content_hash`: _hash(body), when the caller has it already; `built`: the body's shape as its
+    builder knows it (see _flag), else the resource is walked for its shape."""
     content_hash = content_hash or _hash(body)
     server_id = prior.server_id if prior else None
     if prior is not None and prior.status == status and _same_content(prior.content_hash, body, content_hash):
@@ -245,7 +256,7 @@ def _plan(
         # Only our bookkeeping changes: the evidence grew, or the hash was stored in its earlier form.
         return Planned(resource_type, identifier, patient_id, status, content_hash, {}, server_id, evidence,
                        send=False)
-    resource = _validated(resource_type, {**body, "status": status})
+    resource = _validated(resource_type, {**body, "status": status}, (built, status) if built else None)
     return Planned(resource_type, identifier, patient_id, status, content_hash, resource, server_id, evidence)
 
 
@@ -341,30 +352,45 @@ def adoptable(resources: list[dict[str, Any]], output: Output) -> list[Written]:
     return adopted
 
 
-def _flag(patient_id: str, identifier: str, status: str, assessed: AssessedEpisode,
-          output: Output) -> dict[str, Any]:
+def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
+          output: Output) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+    """The Flag's body (_plan adds its status), and its shape as known from how it is built here: every
+    part of it is fixed by the values in `built`, except six kinds of strings — the identifier value, the
+    flag-detail references, code.text, the subject reference (text class) and the period's start and end
+    (dateTime class). When each of those is in its class (the same checks _shape makes), two Flags with
+    equal `built` have equal shapes, so `built` stands for the shape without walking the Flag (the walk
+    was half of planning a Flag). None when one is not: the Flag is then walked, and validated by the
+    model. tests/unit/test_shape_validation.py checks both against _shape."""
     episode, latest = assessed.episode, assessed.latest
     reading, result = latest.graded
-    period = {"start": _instant(episode.start)}
-    if episode.end is not None:
-        period["end"] = _instant(episode.end)
-    coding = [NEUTROPENIA, _grade_coding(result.grade, output)]
-    if assessed.fever is not None:
-        coding.append(FEBRILE_NEUTROPENIA)
+    grade, fever, priority = result.grade, assessed.fever, assessed.priority
+    start, end = _instant(episode.start), episode.end
+    period = {"start": start} if end is None else {"start": start, "end": (end := _instant(end))}
+    coding = [NEUTROPENIA, output.grade_codings[grade]] if fever is None \
+        else [NEUTROPENIA, output.grade_codings[grade], FEBRILE_NEUTROPENIA]
     # The first flag-detail is the Observation behind the current grade (readers and adoption rely on
     # it); then the context the text names.
-    details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, assessed.fever)
-    return {
+    details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, fever)
+    text = _text(latest, fever)
+    subject = f"Patient/{patient_id}"
+    body = {
         "resourceType": "Flag",
-        **_common(output, "Flag", identifier),
+        "meta": output.meta,
+        "identifier": [{"system": output.identifier_systems["Flag"], "value": identifier}],
         "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details]
-        + [_PRIORITY_EXTENSIONS[assessed.priority]],
+        + [_PRIORITY_EXTENSIONS[priority]],
         "category": _FLAG_CATEGORIES,
-        "code": {"coding": coding, "text": _text(latest, assessed.fever)},
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "code": {"coding": coding, "text": text},
+        "subject": {"reference": subject},
         "period": period,
         "author": AUTHOR,
     }
+    if not (type(identifier) is str and _is_text(identifier) and _is_text(text) and _is_text(subject)
+            and all(_is_text(d) for d in details) and _is_instant(start) and (end is None or _is_instant(end))):
+        return body, None
+    # output.system_base fixes meta, the identifier system and the grade coding (all built from it alone).
+    built = (_BUILT_FLAG, output.system_base, grade, fever is not None, priority, len(details), end is not None)
+    return body, built
 
 
 def _context_references(assessed: AssessedCount, fever: Fever | None) -> list[str]:
@@ -510,12 +536,13 @@ def _instant(moment: Any) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
+def _validated(resource_type: str, resource: dict[str, Any], built: tuple[Any, ...] | None = None) -> dict[str, Any]:
     """Validate with the R4B model and send exactly what was validated; re-serialising the model would
     cost more than the validation itself and change nothing we build. The model runs once per shape (see
     _shape): validating every Flag was a third of the adapter's CPU, for resources that differ only in
-    ids, dates and text."""
-    shape = _shape(resource_type, resource)
+    ids, dates and text. `built`: the shape as the resource's builder knows it (see _flag), instead of
+    walking the resource for it."""
+    shape = built or _shape(resource_type, resource)
     if shape is None or shape not in _VALID_SHAPES:
         _MODELS[resource_type].model_validate(resource)
         if shape is not None:
@@ -523,6 +550,16 @@ def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
                 _VALID_SHAPES.clear()  # bounded; a new run of shapes is validated again
             _VALID_SHAPES.add(shape)
     return resource
+
+
+def _is_text(value: str) -> bool:
+    """In the text class of _shape (a plain str is the caller's to check)."""
+    return bool(value) and value.isprintable()
+
+
+def _is_instant(value: str) -> bool:
+    """In the dateTime class of _shape."""
+    return _INSTANT.fullmatch(value) is not None and _parses(value)
 
 
 # Leaves whose values vary from one resource to the next, by (the nearest enclosing key, key) and the FHIR
@@ -538,6 +575,8 @@ _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
 # Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
 _TEXT, _DATETIME, _DICT, _LIST, _END, _URI = object(), object(), object(), object(), object(), object()
+# Leads a Flag's shape as _flag knows it: such a shape never equals a walked one (a tuple of tokens).
+_BUILT_FLAG = object()
 # Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
 # dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
 _LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}

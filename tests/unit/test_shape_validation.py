@@ -246,3 +246,73 @@ def test_an_envelope_outside_the_plain_form_is_validated_itself():
     forms = {writeback._envelope_form({k: v for k, v in e.items() if k != "resource"})
              for e in writeback.transaction(odd, OUTPUT)["entry"]}
     assert len(forms) == 2
+
+
+# -- the shape _flag knows from how it built the Flag (writeback._flag's `built`) ----------------------------
+from datetime import datetime, timedelta  # noqa: E402
+
+from adapter import mappings  # noqa: E402
+from adapter.clinical import classify  # noqa: E402
+from adapter.clinical.assess import Rules, assess  # noqa: E402
+from adapter.clinical.context import Chemotherapy, Context, Temperature  # noqa: E402
+from adapter.model import AgeBand, Classification, Count, Reading  # noqa: E402
+
+RULES = Rules(profile="clinical", thresholds=mappings.load().thresholds)
+START = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+# Ids and texts, mostly plain (so that many Flags share a built shape), some with the characters that leave
+# the text class: empty, control, exotic white space.
+odd_ids = st.sampled_from(["p1", "o1", "o2", "a-b.c", "x/y", "é", "a b"] * 6 + ["", "\x00", "o\u2028", "o\t", "\xa0"])
+zones = st.sampled_from([timezone.utc] * 8 + [timezone(timedelta(hours=14)), timezone(timedelta(hours=-3, minutes=-30)),
+                                              timezone(timedelta(hours=5, minutes=30, seconds=15))])  # not an instant
+counts = st.tuples(odd_ids, st.integers(-60, 60), st.sampled_from([100, 420, 800, 1200, 1800, 2600, 4000]),
+                   st.sampled_from(["", "<", ">"]), zones)
+
+
+def episodes_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
+    graded = []
+    for observation_id, hours, anc, comparator, zone in drawn:
+        reading = Reading(observation_id, "1", "final", patient_id, (START + timedelta(hours=hours)).astimezone(zone),
+                          Count(anc, comparator))
+        result = classify.classify(reading.count, AgeBand.ADULT, profile, RULES.thresholds, 2000)
+        if isinstance(result, Classification):
+            graded.append((reading, result))
+    facts = Context(temperatures=tuple(Temperature(t, START + timedelta(hours=h), c) for t, h, c in temperatures),
+                    chemotherapy=tuple(Chemotherapy(f"Procedure/{c}", START - timedelta(days=d), name)
+                                       for c, name, d in chemotherapy))
+    return assess(graded, facts, dataclasses.replace(RULES, profile=profile)).episodes
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(patients=st.lists(st.tuples(odd_ids, odd_ids, st.lists(counts, min_size=1, max_size=4),
+                                   st.lists(st.tuples(odd_ids, st.integers(-60, 60),
+                                                      st.sampled_from([37.0, 38.4, 39.2])), max_size=3),
+                                   st.lists(st.tuples(odd_ids, odd_ids, st.integers(1, 50)), max_size=1),
+                                   st.sampled_from(["inactive", "active"]),
+                                   st.sampled_from([SYSTEM, "https://other.example/fhir"]),
+                                   st.sampled_from(["clinical", "ctcae-v5"])),
+                         min_size=1, max_size=12))
+def test_a_flags_built_shape_stands_for_its_walked_shape(patients):
+    """Where _flag says it knows the shape, walking the Flag finds a shape (and where it does not, the walk
+    finds none), and two Flags with one built shape have one walked shape: so the cache keyed by the built
+    shape holds exactly what the walked one would."""
+    walked_by_built = {}
+    for patient_id, identifier, drawn, temperatures, chemotherapy, status, system, profile in patients:
+        output = writeback.Output(system_base=system, profile=profile)
+        for assessed in episodes_of(patient_id, drawn, temperatures, chemotherapy, profile):
+            body, built = writeback._flag(patient_id, identifier, assessed, output)
+            walked = writeback._shape("Flag", {**body, "status": status})
+            assert (built is None) == (walked is None)
+            if built is not None:
+                assert walked_by_built.setdefault((built, status), walked) == walked
+
+
+def test_a_flag_outside_its_built_shape_is_left_to_the_model(monkeypatch):
+    [assessed] = episodes_of("p1", [("o1", 0, 420, "", timezone.utc)], [], [])
+    output = writeback.Output(system_base=SYSTEM, profile="clinical")
+    monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
+    body, built = writeback._flag("p1", "p1/o1", assessed, output)
+    writeback._validated("Flag", {**body, "status": "active"}, (built, "active"))  # the shape is known valid
+    body, built = writeback._flag("p1", "", assessed, output)  # an empty identifier value: not text
+    assert built is None
+    with pytest.raises(ValidationError):
+        writeback._validated("Flag", {**body, "status": "active"}, None)
