@@ -312,7 +312,8 @@ def test_writes_recorded_together_are_recorded_as_one_by_one(state):
     expected = sorted([*(w for w in many if w.identifier != "p/o7"), again], key=lambda w: w.identifier)
     assert state.written("p", "Flag") == expected
     with state.transaction():
-        twice = [Written("Flag", "r/o1", "r", "active", "h1", None), Written("Flag", "r/o1", "r", "inactive", "h2", "s")]
+        twice = [Written("Flag", "r/o1", "r", "active", "h1", None),
+                 Written("Flag", "r/o1", "r", "inactive", "h2", "s")]
         state.record_written_many(twice, NOW)
     assert state.written("r", "Flag") == [twice[1]]
     assert state.written_counts() == {"Flag:active": 150, "Flag:inactive": 2}

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapter import writeback
+from adapter import mappings, writeback
+from adapter.clinical import classify
+from adapter.clinical.assess import Rules, assess
+from adapter.clinical.context import Chemotherapy, Context, Temperature
+from adapter.model import AgeBand, Classification, Count, Reading
 
 SYSTEM = "https://hospital.example/fhir/anc-adapter"
 
@@ -249,14 +253,6 @@ def test_an_envelope_outside_the_plain_form_is_validated_itself():
 
 
 # -- the shape _flag knows from how it built the Flag (writeback._flag's `built`) ----------------------------
-from datetime import datetime, timedelta  # noqa: E402
-
-from adapter import mappings  # noqa: E402
-from adapter.clinical import classify  # noqa: E402
-from adapter.clinical.assess import Rules, assess  # noqa: E402
-from adapter.clinical.context import Chemotherapy, Context, Temperature  # noqa: E402
-from adapter.model import AgeBand, Classification, Count, Reading  # noqa: E402
-
 RULES = Rules(profile="clinical", thresholds=mappings.load().thresholds)
 START = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
 # Ids and texts, mostly plain (so that many Flags share a built shape), some with the characters that leave
