@@ -54,7 +54,7 @@ _PRIORITY_EXTENSIONS = {
     for code in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW)
 }
 WITHDRAWN = ("entered-in-error", "cancelled")
-_MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment}
+_MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment, "Provenance": Provenance}
 
 
 @dataclass(frozen=True)
@@ -483,8 +483,8 @@ def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]
         }],
         "entity": [{"role": "source", "what": {"reference": f"Observation/{source}"}} for source in sources],
     }
-    Provenance.model_validate(resource)
-    return resource
+    # Once per shape, as the resources it follows (validating each took about 250 µs, a write).
+    return _validated("Provenance", resource)
 
 
 def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:
@@ -577,21 +577,28 @@ def _is_instant(value: str) -> bool:
 # Leaves whose values vary from one resource to the next, by (the nearest enclosing key, key) and the FHIR
 # type the R4B models give them there. Everything else in a shape is kept as it is.
 _STRING_LEAVES = frozenset({("identifier", "value"), ("subject", "reference"), ("valueReference", "reference"),
-                            ("code", "text"), ("basis", "reference"), ("prediction", "rationale")})
+                            ("code", "text"), ("basis", "reference"), ("prediction", "rationale"),
+                            ("target", "reference"), ("what", "reference")})
+# Provenance.recorded is an `instant`: the model checks the dateTime pattern's full form (seconds and zone
+# required) and a real date and time, which every string of the dateTime class is.
 _DATETIME_LEAVES = frozenset({("period", "start"), ("period", "end"), ("whenPeriod", "start"),
-                              ("whenPeriod", "end"), ("", "occurrenceDateTime")})
+                              ("whenPeriod", "end"), ("", "occurrenceDateTime"), ("", "recorded")})
+_ID_LEAVES = frozenset({("", "id")})  # a Provenance's id (stable_id)
+# A FHIR `id`: 1 to 64 of these ASCII characters (the R4B models allow up to 255 of them).
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # An instant to the second (at most microseconds) with a zone: what _instant writes.
 _INSTANT = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
                       r"(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
 _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
 # Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
-_TEXT, _DATETIME, _DICT, _LIST, _END, _URI = object(), object(), object(), object(), object(), object()
+_TEXT, _DATETIME, _ID, _DICT, _LIST, _END, _URI = (object() for _ in range(7))
 # Leads a Flag's shape as _flag knows it: such a shape never equals a walked one (a tuple of tokens).
 _BUILT_FLAG = object()
 # Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
 # dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
-_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME),
+                 **dict.fromkeys(_ID_LEAVES, _ID)}
 _VARYING = {parent: {key: leaf_class for (p, key), leaf_class in _LEAF_CLASSES.items() if p == parent}
             for parent, _ in _LEAF_CLASSES}
 _FIXED: dict[Any, object] = {}  # the table of a dict without varying leaves
@@ -609,7 +616,8 @@ def _shape(resource_type: str, resource: dict[str, Any]) -> tuple[Any, ...] | No
     a real date and time. The text class holds only non-empty, printable strings (no control or exotic
     white-space characters on which Python's and pydantic's regex engines could differ), all valid as a
     string; the dateTime class only strings matching the stricter pattern above that Python also parses,
-    all valid as a dateTime. Every other leaf, every key, every list length is kept exactly.
+    all valid as a dateTime (and as an instant); the id class only ids FHIR allows. Every other leaf,
+    every key, every list length is kept exactly.
 
     The shape is one flat tuple of tokens, written in one walk (nested tuples built by generators cost
     more than a third of planning a Flag): a dict is _DICT, then each key and its value, then _END; a
@@ -643,10 +651,14 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
                 if not (item and item.isprintable()):
                     raise _Unshaped
                 emit(_TEXT)
-            else:
+            elif varying is _DATETIME:
                 if not (_INSTANT.fullmatch(item) and _parses(item)):
                     raise _Unshaped
                 emit(_DATETIME)
+            else:
+                if not _FHIR_ID.fullmatch(item):
+                    raise _Unshaped
+                emit(_ID)
         elif kind is dict:
             _walk_dict(key or parent, item, emit)
         elif kind is list:

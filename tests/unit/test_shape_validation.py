@@ -53,6 +53,20 @@ def risk(reference="Patient/p1", occurrence="2026-11-01T08:00:00Z", basis="Obser
     }
 
 
+def provenance(id="anc-0123abc", target="Flag/f1", recorded="2026-11-01T08:00:00Z", what=("Observation/o5",)) -> dict:
+    """The shape writeback._provenance builds."""
+    return {
+        "resourceType": "Provenance",
+        "id": id,
+        "meta": {"tag": [{"system": f"{SYSTEM}/tag", "code": "anc-adapter"}]},
+        "target": [{"reference": target}],
+        "recorded": recorded,
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "assembler"}]}, "who": writeback.AUTHOR}],
+        "entity": [{"role": "source", "what": {"reference": w}} for w in what],
+    }
+
+
 def model_accepts(resource_type: str, resource: dict) -> bool:
     try:
         writeback._MODELS[resource_type].model_validate(resource)
@@ -89,6 +103,37 @@ def test_a_risk_assessment_passes_the_shape_cache_exactly_when_the_model_accepts
     writeback._validated("RiskAssessment", risk())
     resource = risk(reference, occurrence, basis)
     assert cached_accepts("RiskAssessment", resource) == model_accepts("RiskAssessment", resource)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(id=st.one_of(st.text(max_size=70), st.from_regex(r"[A-Za-z0-9\-.]{0,70}", fullmatch=True),
+                    st.sampled_from(["a b", "a/b", "a_b", "é", "a\n", "", "a" * 64, "a" * 65, "anc-0123abc"])),
+       target=st.text(max_size=20), recorded=any_date, what=st.lists(st.text(max_size=12), min_size=1, max_size=3))
+def test_a_provenance_passes_the_shape_cache_exactly_when_the_model_accepts_it(id, target, recorded, what):
+    writeback._validated("Provenance", provenance())
+    resource = provenance(id, target, recorded, tuple(what))
+    assert cached_accepts("Provenance", resource) == model_accepts("Provenance", resource)
+
+
+def test_a_provenance_is_validated_once_per_shape(monkeypatch):
+    calls = []
+    real = writeback._MODELS["Provenance"]
+
+    class Counting:
+        @staticmethod
+        def model_validate(resource):
+            calls.append(resource)
+            return real.model_validate(resource)
+
+    monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
+    monkeypatch.setitem(writeback._MODELS, "Provenance", Counting)
+    output = writeback.Output(system_base=SYSTEM, profile="clinical", provenance=True)
+    for n in range(20):
+        planned = writeback.Planned("Flag", f"p{n}/o{n}", f"p{n}", "active", f"h{n}", {}, None, (f"o{n}", "o-x"))
+        writeback._provenance(planned, f"Flag/f{n}", output)
+    assert len(calls) == 1
+    writeback._provenance(writeback.Planned("Flag", "p/o", "p", "active", "h", {}, None, ("o1",)), "Flag/f", output)
+    assert len(calls) == 2  # one source fewer: another shape
 
 
 def test_the_model_runs_once_per_shape_and_again_for_a_new_shape(monkeypatch):
@@ -139,6 +184,10 @@ def nested_shape(parent, value, key=""):
             if writeback._INSTANT.fullmatch(value) and writeback._parses(value):
                 return "<dateTime>"
             raise writeback._Unshaped
+        if (parent, key) in writeback._ID_LEAVES:
+            if writeback._FHIR_ID.fullmatch(value):
+                return "<id>"
+            raise writeback._Unshaped
     return type(value).__name__, value
 
 
@@ -152,8 +201,8 @@ def nested(resource):
 # Few keys and few leaves, so that different resources often share a shape or nearly do: where a varying
 # leaf sits (and where it does not), empty and nested containers next to each other, 1 / True / 1.0 / "1".
 keys = st.sampled_from(["", "code", "text", "period", "start", "end", "identifier", "value", "subject",
-                        "reference", "occurrenceDateTime", "status"])
-leaves = st.sampled_from(["", "a", "b", "1", "\x00", "2026-11-01T08:00:00Z", "2026-11-02T08:00:00+01:00",
+                        "reference", "occurrenceDateTime", "status", "id", "recorded"])
+leaves = st.sampled_from(["", "a", "b", "1", "\x00", "a b", "2026-11-01T08:00:00Z", "2026-11-02T08:00:00+01:00",
                           "2026-02-30T08:00:00Z", 1, 1.0, True, False, 0, None])
 trees = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                      st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
@@ -186,6 +235,8 @@ def decoded(tokens):
             return "<text>"
         if token is writeback._DATETIME:
             return "<dateTime>"
+        if token is writeback._ID:
+            return "<id>"
         if type(token) is str:
             return "str", token
         position += 1
