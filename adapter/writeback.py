@@ -218,7 +218,7 @@ def _plan_risk_assessments(
     patient_id: str, assessment: Assessment, previously: list[Written], output: Output
 ) -> list[Planned]:
     before = {w.identifier: w for w in previously}
-    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str | None]] = {}
+    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str | None, tuple[Any, ...] | None]] = {}
     for assessed in assessment.counts:
         reading, result = assessed.graded
         # Scoped to the patient: a result re-filed to another patient gets a new assessment there while
@@ -226,22 +226,22 @@ def _plan_risk_assessments(
         identifier = scoped(patient_id, reading.observation_id)
         if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
             continue
-        body = _risk_assessment(patient_id, identifier, assessed, output)
+        body, built = _risk_assessment(patient_id, identifier, assessed, output)
         prior = before.get(identifier)
         content_hash = _hash(body)
         changed = prior is not None and (not _same_content(prior.content_hash, body, content_hash)
                                          or prior.status in WITHDRAWN)
         status = "amended" if changed else (prior.status if prior else "final")
-        wanted[identifier] = (status, body, reading.evidence, content_hash)
+        wanted[identifier] = (status, body, reading.evidence, content_hash, built)
     for identifier, written in before.items():
         if identifier not in wanted and written.status not in WITHDRAWN:
             body = _withdrawn_risk_assessment(patient_id, identifier, output)
-            wanted[identifier] = ("entered-in-error", body, written.evidence, None)
+            wanted[identifier] = ("entered-in-error", body, written.evidence, None, None)
     return [
         planned
-        for identifier, (status, body, evidence, content_hash) in sorted(wanted.items())
+        for identifier, (status, body, evidence, content_hash, built) in sorted(wanted.items())
         if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier),
-                             evidence, content_hash))
+                             evidence, content_hash, built))
     ]
 
 
@@ -251,7 +251,7 @@ def _plan(
     built: tuple[Any, ...] | None = None,
 ) -> Planned | None:
     """`content_hash`: _hash(body), when the caller has it already; `built`: the body's shape as its
-    builder knows it (see _flag), else the resource is walked for its shape."""
+    builder knows it (see _flag, _risk_assessment), else the resource is walked for its shape."""
     content_hash = content_hash or _hash(body)
     server_id = prior.server_id if prior else None
     if prior is not None and prior.status == status and _same_content(prior.content_hash, body, content_hash):
@@ -424,7 +424,12 @@ def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[st
     }
 
 
-def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount, output: Output) -> dict[str, Any]:
+def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount,
+                     output: Output) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+    """The RiskAssessment's body (_plan adds its status), and its shape as known from how it is built, as
+    for a Flag (see _flag): everything but the identifier value, code.text, the subject and basis
+    references, the projection's rationale (text class) and the occurrence and projection times (dateTime
+    class) is fixed by the values in `built`. None when one of those leaves is outside its class."""
     reading, result = assessed.graded
     risk = "high" if assessed.fever is not None else QUALITATIVE_RISK[result.grade]
     predictions: list[dict[str, Any]] = [
@@ -440,29 +445,45 @@ def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount, 
             "qualitativeRisk": {"coding": [{"system": RISK_PROBABILITY, "code": risk}]},
         }
     ]
+    occurrence = _instant(reading.effective)
+    varying_texts = [identifier]
+    varying_instants = [occurrence]
     if assessed.projection is not None:
+        start, end = occurrence, _instant(reading.effective + timedelta(hours=48))
+        rationale = (f"Log-linear projection from the previous count (Observation/"
+                     f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
+                     f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}")
         predictions.append({
             "outcome": {
                 "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "anc-below-500"}],
                 "text": "ANC below 500 cells/µL",
             },
-            "whenPeriod": {"start": _instant(reading.effective),
-                           "end": _instant(reading.effective + timedelta(hours=48))},
-            "rationale": (f"Log-linear projection from the previous count (Observation/"
-                          f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
-                          f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}"),
+            "whenPeriod": {"start": start, "end": end},
+            "rationale": rationale,
         })
+        varying_texts.append(rationale)
+        varying_instants.append(end)
+    text = _text(assessed, assessed.fever)
+    subject = f"Patient/{patient_id}"
     basis = [f"Observation/{source}" for source in reading.evidence] + _context_references(assessed, assessed.fever)
-    return {
+    references = [*dict.fromkeys(basis), subject]
+    body = {
         "resourceType": "RiskAssessment",
         **_common(output, "RiskAssessment", identifier),
         "method": {"coding": [{"system": f"{output.system_base}/CodeSystem/method", "code": output.profile}]},
-        "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(assessed, assessed.fever)},
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "occurrenceDateTime": _instant(reading.effective),
-        "basis": [{"reference": r} for r in dict.fromkeys(basis)] + [{"reference": f"Patient/{patient_id}"}],
+        "code": {"coding": [_grade_coding(result.grade, output)], "text": text},
+        "subject": {"reference": subject},
+        "occurrenceDateTime": occurrence,
+        "basis": [{"reference": r} for r in references],
         "prediction": predictions,
     }
+    if not (type(identifier) is str and all(_is_text(t) for t in [*varying_texts, text, *references])
+            and all(_is_instant(i) for i in varying_instants)):
+        return body, None
+    # output.system_base fixes meta, the identifier, outcome and method systems and the grade coding.
+    built = (_BUILT_RISK_ASSESSMENT, output.system_base, output.profile, result.grade, risk,
+             assessed.projection is not None, len(references))
+    return body, built
 
 
 def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]:
@@ -595,6 +616,7 @@ _VALID_SHAPES: set[tuple[Any, ...]] = set()
 _TEXT, _DATETIME, _ID, _DICT, _LIST, _END, _URI = (object() for _ in range(7))
 # Leads a Flag's shape as _flag knows it: such a shape never equals a walked one (a tuple of tokens).
 _BUILT_FLAG = object()
+_BUILT_RISK_ASSESSMENT = object()  # the same for a RiskAssessment
 # Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
 # dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
 _LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME),

@@ -315,7 +315,7 @@ counts = st.tuples(odd_ids, st.integers(-60, 60), st.sampled_from([100, 420, 800
                    st.sampled_from(["", "<", ">"]), zones)
 
 
-def episodes_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
+def assessment_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
     graded = []
     for observation_id, hours, anc, comparator, zone in drawn:
         reading = Reading(observation_id, "1", "final", patient_id, (START + timedelta(hours=hours)).astimezone(zone),
@@ -326,18 +326,25 @@ def episodes_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical
     facts = Context(temperatures=tuple(Temperature(t, START + timedelta(hours=h), c) for t, h, c in temperatures),
                     chemotherapy=tuple(Chemotherapy(f"Procedure/{c}", START - timedelta(days=d), name)
                                        for c, name, d in chemotherapy))
-    return assess(graded, facts, dataclasses.replace(RULES, profile=profile)).episodes
+    return assess(graded, facts, dataclasses.replace(RULES, profile=profile))
+
+
+def episodes_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
+    return assessment_of(patient_id, drawn, temperatures, chemotherapy, profile).episodes
+
+
+patients = st.lists(st.tuples(odd_ids, odd_ids, st.lists(counts, min_size=1, max_size=4),
+                              st.lists(st.tuples(odd_ids, st.integers(-60, 60),
+                                                 st.sampled_from([37.0, 38.4, 39.2])), max_size=3),
+                              st.lists(st.tuples(odd_ids, odd_ids, st.integers(1, 50)), max_size=1),
+                              st.sampled_from(["inactive", "active"]),
+                              st.sampled_from([SYSTEM, "https://other.example/fhir"]),
+                              st.sampled_from(["clinical", "ctcae-v5"])),
+                    min_size=1, max_size=12)
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(patients=st.lists(st.tuples(odd_ids, odd_ids, st.lists(counts, min_size=1, max_size=4),
-                                   st.lists(st.tuples(odd_ids, st.integers(-60, 60),
-                                                      st.sampled_from([37.0, 38.4, 39.2])), max_size=3),
-                                   st.lists(st.tuples(odd_ids, odd_ids, st.integers(1, 50)), max_size=1),
-                                   st.sampled_from(["inactive", "active"]),
-                                   st.sampled_from([SYSTEM, "https://other.example/fhir"]),
-                                   st.sampled_from(["clinical", "ctcae-v5"])),
-                         min_size=1, max_size=12))
+@given(patients=patients)
 def test_a_flags_built_shape_stands_for_its_walked_shape(patients):
     """Where _flag says it knows the shape, walking the Flag finds a shape (and where it does not, the walk
     finds none), and two Flags with one built shape have one walked shape: so the cache keyed by the built
@@ -363,3 +370,20 @@ def test_a_flag_outside_its_built_shape_is_left_to_the_model(monkeypatch):
     assert built is None
     with pytest.raises(ValidationError):
         writeback._validated("Flag", {**body, "status": "active"}, None)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(patients=patients, method=st.sampled_from(["clinical", "ctcae-v5", "other"]))
+def test_a_risk_assessments_built_shape_stands_for_its_walked_shape(patients, method):
+    """The same for a RiskAssessment (writeback._risk_assessment's `built`). Its method code is the output's
+    profile, drawn apart from the grading's here."""
+    walked_by_built = {}
+    for n, (patient_id, identifier, drawn, temperatures, chemotherapy, status, system, profile) in enumerate(patients):
+        output = writeback.Output(system_base=system, profile=method if n % 2 else profile,
+                                  resources=("RiskAssessment",))
+        for assessed in assessment_of(patient_id, drawn, temperatures, chemotherapy, profile).counts:
+            body, built = writeback._risk_assessment(patient_id, identifier, assessed, output)
+            walked = writeback._shape("RiskAssessment", {**body, "status": status})
+            assert (built is None) == (walked is None)
+            if built is not None:
+                assert walked_by_built.setdefault((built, status), walked) == walked
