@@ -724,13 +724,24 @@ class State:
         return list(found)
 
     def record_written(self, item: Written, now: str) -> None:
+        self.record_written_many([item], now)
+
+    def record_written_many(self, items: list[Written], now: str) -> None:
+        """record_written for each of `items`, in order: a few multi-row statements instead of one for each
+        write the server accepted (one each was about 7 µs a write)."""
+        if not items:
+            return
         if self._written_memo:
-            self._written_memo.clear()  # the row may also leave another patient's list (a re-filed id)
-        self._upsert("written", ("resource_type", "identifier"), {
-            "resource_type": item.resource_type, "identifier": item.identifier, "patient_id": item.patient_id,
-            "status": item.status, "content_hash": item.content_hash, "server_id": item.server_id,
-            "evidence": _to_json(item.evidence), "updated_at": now,
-        })
+            self._written_memo.clear()  # a row may also leave another patient's list (a re-filed id)
+        rows = [(item.resource_type, item.identifier, item.patient_id, item.status, item.content_hash,
+                 item.server_id, _to_json(item.evidence), now) for item in items]
+        if len({row[:2] for row in rows}) < len(rows):
+            # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
+            for row in rows:
+                self.db.execute(_record_written_sql(1), row)
+            return
+        for chunk in _chunks(rows, _WRITTEN_ROWS_PER_INSERT):
+            self.db.execute(_record_written_sql(len(chunk)), [value for row in chunk for value in row])
 
     def written_counts(self) -> dict[str, int]:
         rows = self.db.execute(
@@ -879,6 +890,14 @@ def _upsert_sql(table: str, key: tuple[str, ...], columns: tuple[str, ...], rows
     values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}"
             f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {changes}" if changes else "NOTHING"))
+
+
+_WRITTEN_COLUMNS = ("resource_type", "identifier", "patient_id", "status", "content_hash", "server_id", "evidence",
+                    "updated_at")
+
+
+def _record_written_sql(rows: int) -> str:
+    return _upsert_sql("written", ("resource_type", "identifier"), _WRITTEN_COLUMNS, rows)
 
 
 _CLASSIFIED_COLUMNS = (
@@ -1060,6 +1079,7 @@ _IN_BATCH = 500  # ids per `IN (…)`: well within every backend's limit on boun
 # backend's limit (SQLite before 3.32 allowed 999). One statement of many rows costs SQLite about 0.6 µs
 # less per row than one statement each.
 _ROWS_PER_INSERT = _IN_BATCH // len(_CLASSIFIED_COLUMNS)
+_WRITTEN_ROWS_PER_INSERT = _IN_BATCH // len(_WRITTEN_COLUMNS)
 
 
 def _chunks(values: list[Any], size: int = _IN_BATCH) -> Iterator[list[Any]]:
@@ -1085,7 +1105,17 @@ def _json_list(text: str | None) -> tuple[Any, ...]:
 
 
 def _to_json(items: tuple[Any, ...] | list[Any]) -> str:
-    return json.dumps(list(items)) if items else "[]"
+    if not items:
+        return "[]"
+    # Ids (a write's evidence, once per write): json.dumps writes printable ASCII other than '"' and '\\' as
+    # it is, so joining gives its text at a fifth of its cost. Anything else goes through json.dumps.
+    try:
+        joined = "".join(items)
+    except TypeError:  # not all strings
+        return json.dumps(list(items))
+    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return '["' + '", "'.join(items) + '"]'
+    return json.dumps(list(items))
 
 
 # Every stored count a plan reads back goes through _reading_row, so it reads the row by position, in the

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import orjson
@@ -54,7 +54,7 @@ _PRIORITY_EXTENSIONS = {
     for code in (PRIORITY_HIGH, PRIORITY_MEDIUM, PRIORITY_LOW)
 }
 WITHDRAWN = ("entered-in-error", "cancelled")
-_MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment}
+_MODELS = {"Flag": Flag, "RiskAssessment": RiskAssessment, "Provenance": Provenance}
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Output:
 
     def request(self, resource_type: str, identifier: str) -> tuple[str, str | None]:
         """The PUT url that makes this write idempotent, and the id the resource must carry (if any)."""
-        if dict(self.write_modes).get(resource_type, "conditional") == "conditional":
+        if self.write_mode.get(resource_type, "conditional") == "conditional":
             return f"{resource_type}?identifier={self.identifier_system(resource_type)}|{identifier}", None
         resource_id = stable_id(self.identifier_system(resource_type), identifier)
         return f"{resource_type}/{resource_id}", resource_id
@@ -90,6 +90,10 @@ class Output:
     def meta(self) -> dict[str, Any]:
         """The meta of every resource we write: our tag, which tells our resources from others'."""
         return {"tag": [{"system": f"{self.system_base}/tag", "code": "anc-adapter"}]}
+
+    @cached_property
+    def write_mode(self) -> dict[str, str]:
+        return dict(self.write_modes)
 
     @cached_property
     def identifier_systems(self) -> dict[str, str]:
@@ -146,8 +150,34 @@ def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Writte
     derived one, a result re-filed), else gets a new identifier from its first abnormal Observation
     (deterministic, so a rerun after a crash finds the same one). A Flag left over is entered-in-error."""
     before = {w.identifier: w for w in previously}
-    live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
     found = [assessed.episode for assessed in assessment.episodes]
+    # Most patients planned have no Flag yet: nothing to match, keep or withdraw.
+    claimed, pending = _claims(patient_id, found, previously, unread) if previously else ({}, set())
+    wanted: dict[str, tuple[str, dict[str, Any], frozenset[str], tuple[Any, ...] | None]] = {}
+    for index, episode in enumerate(found):
+        match = claimed.get(index)
+        identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
+        status = "active" if episode.closed_by is None else "inactive"
+        body, built = _flag(patient_id, identifier, assessment.episodes[index], output)
+        wanted[identifier] = (status, body, episode.evidence, built)
+    for identifier, written in before.items():
+        if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
+            # No remaining evidence: withdrawn, amended away, or merged into an older episode.
+            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
+                                  frozenset(written.evidence), None)
+    return [
+        planned
+        for identifier, (status, body, evidence, built) in sorted(wanted.items())
+        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier),
+                             tuple(sorted(evidence)), built=built))
+    ]
+
+
+def _claims(patient_id: str, found: list[Episode], previously: list[Written],
+            unread: frozenset[str]) -> tuple[dict[int, Written], set[str]]:
+    """Which earlier Flag each episode keeps (by the episode's index), and the identifiers of the Flags
+    not judged yet (their evidence unread)."""
+    live = [w for w in previously if w.status != "entered-in-error"]  # never revive a retracted Flag
     claimed: dict[int, Written] = {}
     for index, episode in enumerate(found):
         natural = scoped(patient_id, episode.first[0].observation_id)
@@ -166,24 +196,7 @@ def _plan_flags(patient_id: str, assessment: Assessment, previously: list[Writte
     for index in reversed(range(len(found))):  # the most recent episode first
         if index not in claimed and orphans:
             claimed[index] = orphans.pop()
-    wanted: dict[str, tuple[str, dict[str, Any], frozenset[str]]] = {}
-    for index, episode in enumerate(found):
-        match = claimed.get(index)
-        identifier = match.identifier if match else _new_identifier(patient_id, episode, before, wanted)
-        status = "active" if episode.closed_by is None else "inactive"
-        body = _flag(patient_id, identifier, status, assessment.episodes[index], output)
-        wanted[identifier] = (status, body, episode.evidence)
-    for identifier, written in before.items():
-        if identifier not in wanted and written.status != "entered-in-error" and identifier not in pending:
-            # No remaining evidence: withdrawn, amended away, or merged into an older episode.
-            wanted[identifier] = ("entered-in-error", _withdrawn_flag(patient_id, identifier, output),
-                                  frozenset(written.evidence))
-    return [
-        planned
-        for identifier, (status, body, evidence) in sorted(wanted.items())
-        if (planned := _plan("Flag", identifier, patient_id, status, body, before.get(identifier),
-                             tuple(sorted(evidence))))
-    ]
+    return claimed, pending
 
 
 def _new_identifier(patient_id: str, episode: Episode, taken: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -205,7 +218,7 @@ def _plan_risk_assessments(
     patient_id: str, assessment: Assessment, previously: list[Written], output: Output
 ) -> list[Planned]:
     before = {w.identifier: w for w in previously}
-    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str | None]] = {}
+    wanted: dict[str, tuple[str, dict[str, Any], tuple[str, ...], str | None, tuple[Any, ...] | None]] = {}
     for assessed in assessment.counts:
         reading, result = assessed.graded
         # Scoped to the patient: a result re-filed to another patient gets a new assessment there while
@@ -213,30 +226,32 @@ def _plan_risk_assessments(
         identifier = scoped(patient_id, reading.observation_id)
         if not (result.grade.abnormal or output.risk_assessment_for_normal or identifier in before):
             continue
-        body = _risk_assessment(patient_id, identifier, assessed, output)
+        body, built = _risk_assessment(patient_id, identifier, assessed, output)
         prior = before.get(identifier)
         content_hash = _hash(body)
         changed = prior is not None and (not _same_content(prior.content_hash, body, content_hash)
                                          or prior.status in WITHDRAWN)
         status = "amended" if changed else (prior.status if prior else "final")
-        wanted[identifier] = (status, body, reading.evidence, content_hash)
+        wanted[identifier] = (status, body, reading.evidence, content_hash, built)
     for identifier, written in before.items():
         if identifier not in wanted and written.status not in WITHDRAWN:
             body = _withdrawn_risk_assessment(patient_id, identifier, output)
-            wanted[identifier] = ("entered-in-error", body, written.evidence, None)
+            wanted[identifier] = ("entered-in-error", body, written.evidence, None, None)
     return [
         planned
-        for identifier, (status, body, evidence, content_hash) in sorted(wanted.items())
+        for identifier, (status, body, evidence, content_hash, built) in sorted(wanted.items())
         if (planned := _plan("RiskAssessment", identifier, patient_id, status, body, before.get(identifier),
-                             evidence, content_hash))
+                             evidence, content_hash, built))
     ]
 
 
 def _plan(
     resource_type: str, identifier: str, patient_id: str, status: str, body: dict[str, Any],
     prior: Written | None, evidence: tuple[str, ...] = (), content_hash: str | None = None,
+    built: tuple[Any, ...] | None = None,
 ) -> Planned | None:
-    """`content_hash`: _hash(body), when the caller has it already."""
+    """`content_hash`: _hash(body), when the caller has it already; `built`: the body's shape as its
+    builder knows it (see _flag, _risk_assessment), else the resource is walked for its shape."""
     content_hash = content_hash or _hash(body)
     server_id = prior.server_id if prior else None
     if prior is not None and prior.status == status and _same_content(prior.content_hash, body, content_hash):
@@ -245,7 +260,7 @@ def _plan(
         # Only our bookkeeping changes: the evidence grew, or the hash was stored in its earlier form.
         return Planned(resource_type, identifier, patient_id, status, content_hash, {}, server_id, evidence,
                        send=False)
-    resource = _validated(resource_type, {**body, "status": status})
+    resource = _validated(resource_type, {**body, "status": status}, (built, status) if built else None)
     return Planned(resource_type, identifier, patient_id, status, content_hash, resource, server_id, evidence)
 
 
@@ -254,6 +269,7 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
     A batch is not atomic: if any entry fails, `accepted` raises, state keeps nothing of the page, and
     the next run repeats the entries that did succeed, harmlessly."""
     entries = []
+    envelopes = []  # each entry without its resource
     for p in planned:
         if p.server_id:  # we know its id: a plain update, no search, whatever the server says it supports
             url, resource_id = f"{p.resource_type}/{p.server_id}", p.server_id
@@ -261,20 +277,22 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
             url, resource_id = output.request(p.resource_type, p.identifier)
         resource = {**p.resource, "id": resource_id} if resource_id else p.resource
         full_url = f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}"
-        entries.append({"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}})
+        request = {"method": "PUT", "url": url}
+        entries.append({"fullUrl": full_url, "resource": resource, "request": request})
+        envelopes.append({"fullUrl": full_url, "request": request})
         if output.provenance:
             # The target is the entry's fullUrl unless we know the id: the server resolves it inside the
             # transaction (a batch-only server needs ids we know; cli refuses provenance without either).
             target = f"{p.resource_type}/{resource_id}" if resource_id else full_url
             provenance = _provenance(p, target, output)
-            entries.append({"fullUrl": f"urn:uuid:{_uuid_like('Provenance', provenance['id'])}",
-                            "resource": provenance,
-                            "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"}})
+            full_url = f"urn:uuid:{_uuid_like('Provenance', provenance['id'])}"
+            request = {"method": "PUT", "url": f"Provenance/{provenance['id']}"}
+            entries.append({"fullUrl": full_url, "resource": provenance, "request": request})
+            envelopes.append({"fullUrl": full_url, "request": request})
     # Each resource was validated when planned; validate the envelopes (type, fullUrl, request) here, one of
     # each form (`_envelope_form`): validating all 500 took about 10 ms a bundle.
     forms: dict[Any, dict[str, Any]] = {}
-    for entry in entries:
-        envelope = {k: v for k, v in entry.items() if k != "resource"}
+    for envelope in envelopes:
         forms.setdefault(_envelope_form(envelope), envelope)
     Bundle.model_validate({"resourceType": "Bundle", "type": output.bundle_type, "entry": list(forms.values())})
     return {"resourceType": "Bundle", "type": output.bundle_type, "entry": entries}
@@ -288,11 +306,16 @@ _PLAIN_URI = re.compile(r"[!-~]+")
 def _envelope_form(envelope: dict[str, Any]) -> tuple[Any, ...]:
     """An entry's envelope with each uri (fullUrl, request.url) of the plain class replaced by that class: two
     envelopes of one form are valid alike. Anything else is kept as it is, so it is validated itself."""
-    def classed(key: str, value: Any) -> Any:
-        if key in ("fullUrl", "url") and type(value) is str and _PLAIN_URI.fullmatch(value):
-            return _URI
-        return value if not isinstance(value, dict) else tuple((k, classed(k, v)) for k, v in value.items())
-    return tuple((key, classed(key, value)) for key, value in envelope.items())
+    return tuple((key, _classed(key, value)) for key, value in envelope.items())
+
+
+def _classed(key: str, value: Any) -> Any:
+    if type(value) is str:  # tested first: most of an envelope (not a closure: one per entry cost a µs)
+        return _URI if key in _URI_KEYS and _PLAIN_URI.fullmatch(value) else value
+    return value if not isinstance(value, dict) else tuple((k, _classed(k, v)) for k, v in value.items())
+
+
+_URI_KEYS = frozenset({"fullUrl", "url"})
 
 
 def accepted(planned: list[Planned], response: dict[str, Any], output: Output) -> list[tuple[Written, bool]]:
@@ -341,30 +364,45 @@ def adoptable(resources: list[dict[str, Any]], output: Output) -> list[Written]:
     return adopted
 
 
-def _flag(patient_id: str, identifier: str, status: str, assessed: AssessedEpisode,
-          output: Output) -> dict[str, Any]:
+def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
+          output: Output) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+    """The Flag's body (_plan adds its status), and its shape as known from how it is built here: every
+    part of it is fixed by the values in `built`, except six kinds of strings — the identifier value, the
+    flag-detail references, code.text, the subject reference (text class) and the period's start and end
+    (dateTime class). When each of those is in its class (the same checks _shape makes), two Flags with
+    equal `built` have equal shapes, so `built` stands for the shape without walking the Flag (the walk
+    was half of planning a Flag). None when one is not: the Flag is then walked, and validated by the
+    model. tests/unit/test_shape_validation.py checks both against _shape."""
     episode, latest = assessed.episode, assessed.latest
     reading, result = latest.graded
-    period = {"start": _instant(episode.start)}
-    if episode.end is not None:
-        period["end"] = _instant(episode.end)
-    coding = [NEUTROPENIA, _grade_coding(result.grade, output)]
-    if assessed.fever is not None:
-        coding.append(FEBRILE_NEUTROPENIA)
+    grade, fever, priority = result.grade, assessed.fever, assessed.priority
+    start, end = _instant(episode.start), episode.end
+    period = {"start": start} if end is None else {"start": start, "end": (end := _instant(end))}
+    coding = [NEUTROPENIA, output.grade_codings[grade]] if fever is None \
+        else [NEUTROPENIA, output.grade_codings[grade], FEBRILE_NEUTROPENIA]
     # The first flag-detail is the Observation behind the current grade (readers and adoption rely on
     # it); then the context the text names.
-    details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, assessed.fever)
-    return {
+    details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, fever)
+    text = _text(latest, fever)
+    subject = f"Patient/{patient_id}"
+    body = {
         "resourceType": "Flag",
-        **_common(output, "Flag", identifier),
+        "meta": output.meta,
+        "identifier": [{"system": output.identifier_systems["Flag"], "value": identifier}],
         "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details]
-        + [_PRIORITY_EXTENSIONS[assessed.priority]],
+        + [_PRIORITY_EXTENSIONS[priority]],
         "category": _FLAG_CATEGORIES,
-        "code": {"coding": coding, "text": _text(latest, assessed.fever)},
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "code": {"coding": coding, "text": text},
+        "subject": {"reference": subject},
         "period": period,
         "author": AUTHOR,
     }
+    if not (type(identifier) is str and _is_text(identifier) and _is_text(text) and _is_text(subject)
+            and all(_is_text(d) for d in details) and _is_instant(start) and (end is None or _is_instant(end))):
+        return body, None
+    # output.system_base fixes meta, the identifier system and the grade coding (all built from it alone).
+    built = (_BUILT_FLAG, output.system_base, grade, fever is not None, priority, len(details), end is not None)
+    return body, built
 
 
 def _context_references(assessed: AssessedCount, fever: Fever | None) -> list[str]:
@@ -386,7 +424,12 @@ def _withdrawn_flag(patient_id: str, identifier: str, output: Output) -> dict[st
     }
 
 
-def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount, output: Output) -> dict[str, Any]:
+def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount,
+                     output: Output) -> tuple[dict[str, Any], tuple[Any, ...] | None]:
+    """The RiskAssessment's body (_plan adds its status), and its shape as known from how it is built, as
+    for a Flag (see _flag): everything but the identifier value, code.text, the subject and basis
+    references, the projection's rationale (text class) and the occurrence and projection times (dateTime
+    class) is fixed by the values in `built`. None when one of those leaves is outside its class."""
     reading, result = assessed.graded
     risk = "high" if assessed.fever is not None else QUALITATIVE_RISK[result.grade]
     predictions: list[dict[str, Any]] = [
@@ -402,29 +445,45 @@ def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount, 
             "qualitativeRisk": {"coding": [{"system": RISK_PROBABILITY, "code": risk}]},
         }
     ]
+    occurrence = _instant(reading.effective)
+    varying_texts = [identifier]
+    varying_instants = [occurrence]
     if assessed.projection is not None:
+        start, end = occurrence, _instant(reading.effective + timedelta(hours=48))
+        rationale = (f"Log-linear projection from the previous count (Observation/"
+                     f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
+                     f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}")
         predictions.append({
             "outcome": {
                 "coding": [{"system": f"{output.system_base}/CodeSystem/outcome", "code": "anc-below-500"}],
                 "text": "ANC below 500 cells/µL",
             },
-            "whenPeriod": {"start": _instant(reading.effective),
-                           "end": _instant(reading.effective + timedelta(hours=48))},
-            "rationale": (f"Log-linear projection from the previous count (Observation/"
-                          f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
-                          f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}"),
+            "whenPeriod": {"start": start, "end": end},
+            "rationale": rationale,
         })
+        varying_texts.append(rationale)
+        varying_instants.append(end)
+    text = _text(assessed, assessed.fever)
+    subject = f"Patient/{patient_id}"
     basis = [f"Observation/{source}" for source in reading.evidence] + _context_references(assessed, assessed.fever)
-    return {
+    references = [*dict.fromkeys(basis), subject]
+    body = {
         "resourceType": "RiskAssessment",
         **_common(output, "RiskAssessment", identifier),
         "method": {"coding": [{"system": f"{output.system_base}/CodeSystem/method", "code": output.profile}]},
-        "code": {"coding": [_grade_coding(result.grade, output)], "text": _text(assessed, assessed.fever)},
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "occurrenceDateTime": _instant(reading.effective),
-        "basis": [{"reference": r} for r in dict.fromkeys(basis)] + [{"reference": f"Patient/{patient_id}"}],
+        "code": {"coding": [_grade_coding(result.grade, output)], "text": text},
+        "subject": {"reference": subject},
+        "occurrenceDateTime": occurrence,
+        "basis": [{"reference": r} for r in references],
         "prediction": predictions,
     }
+    if not (type(identifier) is str and all(_is_text(t) for t in [*varying_texts, text, *references])
+            and all(_is_instant(i) for i in varying_instants)):
+        return body, None
+    # output.system_base fixes meta, the identifier, outcome and method systems and the grade coding.
+    built = (_BUILT_RISK_ASSESSMENT, output.system_base, output.profile, result.grade, risk,
+             assessed.projection is not None, len(references))
+    return body, built
 
 
 def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]:
@@ -445,8 +504,8 @@ def _provenance(planned: Planned, target: str, output: Output) -> dict[str, Any]
         }],
         "entity": [{"role": "source", "what": {"reference": f"Observation/{source}"}} for source in sources],
     }
-    Provenance.model_validate(resource)
-    return resource
+    # Once per shape, as the resources it follows (validating each took about 250 µs, a write).
+    return _validated("Provenance", resource)
 
 
 def _withdrawn_risk_assessment(patient_id: str, identifier: str, output: Output) -> dict[str, Any]:
@@ -510,12 +569,13 @@ def _instant(moment: Any) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
+def _validated(resource_type: str, resource: dict[str, Any], built: tuple[Any, ...] | None = None) -> dict[str, Any]:
     """Validate with the R4B model and send exactly what was validated; re-serialising the model would
     cost more than the validation itself and change nothing we build. The model runs once per shape (see
     _shape): validating every Flag was a third of the adapter's CPU, for resources that differ only in
-    ids, dates and text."""
-    shape = _shape(resource_type, resource)
+    ids, dates and text. `built`: the shape as the resource's builder knows it (see _flag), instead of
+    walking the resource for it."""
+    shape = built or _shape(resource_type, resource)
     if shape is None or shape not in _VALID_SHAPES:
         _MODELS[resource_type].model_validate(resource)
         if shape is not None:
@@ -525,22 +585,42 @@ def _validated(resource_type: str, resource: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
+def _is_text(value: str) -> bool:
+    """In the text class of _shape (a plain str is the caller's to check)."""
+    return bool(value) and value.isprintable()
+
+
+def _is_instant(value: str) -> bool:
+    """In the dateTime class of _shape."""
+    return _INSTANT.fullmatch(value) is not None and _parses(value)
+
+
 # Leaves whose values vary from one resource to the next, by (the nearest enclosing key, key) and the FHIR
 # type the R4B models give them there. Everything else in a shape is kept as it is.
 _STRING_LEAVES = frozenset({("identifier", "value"), ("subject", "reference"), ("valueReference", "reference"),
-                            ("code", "text"), ("basis", "reference"), ("prediction", "rationale")})
+                            ("code", "text"), ("basis", "reference"), ("prediction", "rationale"),
+                            ("target", "reference"), ("what", "reference")})
+# Provenance.recorded is an `instant`: the model checks the dateTime pattern's full form (seconds and zone
+# required) and a real date and time, which every string of the dateTime class is.
 _DATETIME_LEAVES = frozenset({("period", "start"), ("period", "end"), ("whenPeriod", "start"),
-                              ("whenPeriod", "end"), ("", "occurrenceDateTime")})
+                              ("whenPeriod", "end"), ("", "occurrenceDateTime"), ("", "recorded")})
+_ID_LEAVES = frozenset({("", "id")})  # a Provenance's id (stable_id)
+# A FHIR `id`: 1 to 64 of these ASCII characters (the R4B models allow up to 255 of them).
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # An instant to the second (at most microseconds) with a zone: what _instant writes.
 _INSTANT = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
                       r"(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
 _MAX_SHAPES = 4096
 _VALID_SHAPES: set[tuple[Any, ...]] = set()
 # Tokens of a shape (see _shape): unique objects, equal to nothing a resource can hold.
-_TEXT, _DATETIME, _DICT, _LIST, _END, _URI = object(), object(), object(), object(), object(), object()
+_TEXT, _DATETIME, _ID, _DICT, _LIST, _END, _URI = (object() for _ in range(7))
+# Leads a Flag's shape as _flag knows it: such a shape never equals a walked one (a tuple of tokens).
+_BUILT_FLAG = object()
+_BUILT_RISK_ASSESSMENT = object()  # the same for a RiskAssessment
 # Each varying leaf's class by its enclosing key, then its key: a dict looks its table up once, and most
 # dicts have none (building a (parent, key) pair for every string leaf was a seventh of the walk).
-_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME)}
+_LEAF_CLASSES = {**dict.fromkeys(_STRING_LEAVES, _TEXT), **dict.fromkeys(_DATETIME_LEAVES, _DATETIME),
+                 **dict.fromkeys(_ID_LEAVES, _ID)}
 _VARYING = {parent: {key: leaf_class for (p, key), leaf_class in _LEAF_CLASSES.items() if p == parent}
             for parent, _ in _LEAF_CLASSES}
 _FIXED: dict[Any, object] = {}  # the table of a dict without varying leaves
@@ -558,7 +638,8 @@ def _shape(resource_type: str, resource: dict[str, Any]) -> tuple[Any, ...] | No
     a real date and time. The text class holds only non-empty, printable strings (no control or exotic
     white-space characters on which Python's and pydantic's regex engines could differ), all valid as a
     string; the dateTime class only strings matching the stricter pattern above that Python also parses,
-    all valid as a dateTime. Every other leaf, every key, every list length is kept exactly.
+    all valid as a dateTime (and as an instant); the id class only ids FHIR allows. Every other leaf,
+    every key, every list length is kept exactly.
 
     The shape is one flat tuple of tokens, written in one walk (nested tuples built by generators cost
     more than a third of planning a Flag): a dict is _DICT, then each key and its value, then _END; a
@@ -592,10 +673,14 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
                 if not (item and item.isprintable()):
                     raise _Unshaped
                 emit(_TEXT)
-            else:
+            elif varying is _DATETIME:
                 if not (_INSTANT.fullmatch(item) and _parses(item)):
                     raise _Unshaped
                 emit(_DATETIME)
+            else:
+                if not _FHIR_ID.fullmatch(item):
+                    raise _Unshaped
+                emit(_ID)
         elif kind is dict:
             _walk_dict(key or parent, item, emit)
         elif kind is list:
@@ -673,8 +758,14 @@ def _uuid_like(resource_type: str, identifier: str) -> str:
 
 def _server_id(resource_type: str, location: Any, entry: dict[str, Any]) -> str | None:
     if isinstance(location, str):
-        match = re.search(rf"{resource_type}/([A-Za-z0-9\-.]{{1,64}})", location)
+        match = _location_pattern(resource_type).search(location)
         if match:
             return match.group(1)
     resource = entry.get("resource")
     return resource.get("id") if isinstance(resource, dict) else None
+
+
+@lru_cache(maxsize=None)  # one per resource type we write
+def _location_pattern(resource_type: str) -> re.Pattern[str]:
+    """Compiled once, not looked up in re's cache (a µs) for every write the server accepted."""
+    return re.compile(rf"{resource_type}/([A-Za-z0-9\-.]{{1,64}})")

@@ -298,3 +298,22 @@ def test_a_dry_run_review_copy_is_a_private_sqlite_file_of_the_state(state, tmp_
     with review.transaction():
         review.set_watermark(LATER)
     assert state.watermark() == NOW  # the live state is only read
+
+
+def test_writes_recorded_together_are_recorded_as_one_by_one(state):
+    """record_written_many (a part the server accepted): the rows, in order, whatever their number, and
+    the same key twice (an update after a write) ends as the later one, as one record_written each would."""
+    many = [Written("Flag", f"p/o{n}", "p", "active", f"h{n}", f"srv-{n}", (f"o{n}", "x")) for n in range(150)]
+    again = Written("Flag", "p/o7", "p", "inactive", "h7b", "srv-7", ("o7",))
+    with state.transaction():
+        state.record_written_many(many, NOW)
+        state.record_written_many([Written("Flag", "q/o1", "q", "active", "h", None), again], LATER)
+        state.record_written_many([], LATER)
+    expected = sorted([*(w for w in many if w.identifier != "p/o7"), again], key=lambda w: w.identifier)
+    assert state.written("p", "Flag") == expected
+    with state.transaction():
+        twice = [Written("Flag", "r/o1", "r", "active", "h1", None),
+                 Written("Flag", "r/o1", "r", "inactive", "h2", "s")]
+        state.record_written_many(twice, NOW)
+    assert state.written("r", "Flag") == [twice[1]]
+    assert state.written_counts() == {"Flag:active": 150, "Flag:inactive": 2}

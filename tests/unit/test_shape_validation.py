@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapter import writeback
+from adapter import mappings, writeback
+from adapter.clinical import classify
+from adapter.clinical.assess import Rules, assess
+from adapter.clinical.context import Chemotherapy, Context, Temperature
+from adapter.model import AgeBand, Classification, Count, Reading
 
 SYSTEM = "https://hospital.example/fhir/anc-adapter"
 
@@ -46,6 +50,20 @@ def risk(reference="Patient/p1", occurrence="2026-11-01T08:00:00Z", basis="Obser
         "subject": {"reference": reference},
         "occurrenceDateTime": occurrence,
         "basis": [{"reference": basis}],
+    }
+
+
+def provenance(id="anc-0123abc", target="Flag/f1", recorded="2026-11-01T08:00:00Z", what=("Observation/o5",)) -> dict:
+    """The shape writeback._provenance builds."""
+    return {
+        "resourceType": "Provenance",
+        "id": id,
+        "meta": {"tag": [{"system": f"{SYSTEM}/tag", "code": "anc-adapter"}]},
+        "target": [{"reference": target}],
+        "recorded": recorded,
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "assembler"}]}, "who": writeback.AUTHOR}],
+        "entity": [{"role": "source", "what": {"reference": w}} for w in what],
     }
 
 
@@ -85,6 +103,37 @@ def test_a_risk_assessment_passes_the_shape_cache_exactly_when_the_model_accepts
     writeback._validated("RiskAssessment", risk())
     resource = risk(reference, occurrence, basis)
     assert cached_accepts("RiskAssessment", resource) == model_accepts("RiskAssessment", resource)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(id=st.one_of(st.text(max_size=70), st.from_regex(r"[A-Za-z0-9\-.]{0,70}", fullmatch=True),
+                    st.sampled_from(["a b", "a/b", "a_b", "é", "a\n", "", "a" * 64, "a" * 65, "anc-0123abc"])),
+       target=st.text(max_size=20), recorded=any_date, what=st.lists(st.text(max_size=12), min_size=1, max_size=3))
+def test_a_provenance_passes_the_shape_cache_exactly_when_the_model_accepts_it(id, target, recorded, what):
+    writeback._validated("Provenance", provenance())
+    resource = provenance(id, target, recorded, tuple(what))
+    assert cached_accepts("Provenance", resource) == model_accepts("Provenance", resource)
+
+
+def test_a_provenance_is_validated_once_per_shape(monkeypatch):
+    calls = []
+    real = writeback._MODELS["Provenance"]
+
+    class Counting:
+        @staticmethod
+        def model_validate(resource):
+            calls.append(resource)
+            return real.model_validate(resource)
+
+    monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
+    monkeypatch.setitem(writeback._MODELS, "Provenance", Counting)
+    output = writeback.Output(system_base=SYSTEM, profile="clinical", provenance=True)
+    for n in range(20):
+        planned = writeback.Planned("Flag", f"p{n}/o{n}", f"p{n}", "active", f"h{n}", {}, None, (f"o{n}", "o-x"))
+        writeback._provenance(planned, f"Flag/f{n}", output)
+    assert len(calls) == 1
+    writeback._provenance(writeback.Planned("Flag", "p/o", "p", "active", "h", {}, None, ("o1",)), "Flag/f", output)
+    assert len(calls) == 2  # one source fewer: another shape
 
 
 def test_the_model_runs_once_per_shape_and_again_for_a_new_shape(monkeypatch):
@@ -135,6 +184,10 @@ def nested_shape(parent, value, key=""):
             if writeback._INSTANT.fullmatch(value) and writeback._parses(value):
                 return "<dateTime>"
             raise writeback._Unshaped
+        if (parent, key) in writeback._ID_LEAVES:
+            if writeback._FHIR_ID.fullmatch(value):
+                return "<id>"
+            raise writeback._Unshaped
     return type(value).__name__, value
 
 
@@ -148,8 +201,8 @@ def nested(resource):
 # Few keys and few leaves, so that different resources often share a shape or nearly do: where a varying
 # leaf sits (and where it does not), empty and nested containers next to each other, 1 / True / 1.0 / "1".
 keys = st.sampled_from(["", "code", "text", "period", "start", "end", "identifier", "value", "subject",
-                        "reference", "occurrenceDateTime", "status"])
-leaves = st.sampled_from(["", "a", "b", "1", "\x00", "2026-11-01T08:00:00Z", "2026-11-02T08:00:00+01:00",
+                        "reference", "occurrenceDateTime", "status", "id", "recorded"])
+leaves = st.sampled_from(["", "a", "b", "1", "\x00", "a b", "2026-11-01T08:00:00Z", "2026-11-02T08:00:00+01:00",
                           "2026-02-30T08:00:00Z", 1, 1.0, True, False, 0, None])
 trees = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                      st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
@@ -182,6 +235,8 @@ def decoded(tokens):
             return "<text>"
         if token is writeback._DATETIME:
             return "<dateTime>"
+        if token is writeback._ID:
+            return "<id>"
         if type(token) is str:
             return "str", token
         position += 1
@@ -246,3 +301,89 @@ def test_an_envelope_outside_the_plain_form_is_validated_itself():
     forms = {writeback._envelope_form({k: v for k, v in e.items() if k != "resource"})
              for e in writeback.transaction(odd, OUTPUT)["entry"]}
     assert len(forms) == 2
+
+
+# -- the shape _flag knows from how it built the Flag (writeback._flag's `built`) ----------------------------
+RULES = Rules(profile="clinical", thresholds=mappings.load().thresholds)
+START = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+# Ids and texts, mostly plain (so that many Flags share a built shape), some with the characters that leave
+# the text class: empty, control, exotic white space.
+odd_ids = st.sampled_from(["p1", "o1", "o2", "a-b.c", "x/y", "é", "a b"] * 6 + ["", "\x00", "o\u2028", "o\t", "\xa0"])
+zones = st.sampled_from([timezone.utc] * 8 + [timezone(timedelta(hours=14)), timezone(timedelta(hours=-3, minutes=-30)),
+                                              timezone(timedelta(hours=5, minutes=30, seconds=15))])  # not an instant
+counts = st.tuples(odd_ids, st.integers(-60, 60), st.sampled_from([100, 420, 800, 1200, 1800, 2600, 4000]),
+                   st.sampled_from(["", "<", ">"]), zones)
+
+
+def assessment_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
+    graded = []
+    for observation_id, hours, anc, comparator, zone in drawn:
+        reading = Reading(observation_id, "1", "final", patient_id, (START + timedelta(hours=hours)).astimezone(zone),
+                          Count(anc, comparator))
+        result = classify.classify(reading.count, AgeBand.ADULT, profile, RULES.thresholds, 2000)
+        if isinstance(result, Classification):
+            graded.append((reading, result))
+    facts = Context(temperatures=tuple(Temperature(t, START + timedelta(hours=h), c) for t, h, c in temperatures),
+                    chemotherapy=tuple(Chemotherapy(f"Procedure/{c}", START - timedelta(days=d), name)
+                                       for c, name, d in chemotherapy))
+    return assess(graded, facts, dataclasses.replace(RULES, profile=profile))
+
+
+def episodes_of(patient_id, drawn, temperatures, chemotherapy, profile="clinical"):
+    return assessment_of(patient_id, drawn, temperatures, chemotherapy, profile).episodes
+
+
+patients = st.lists(st.tuples(odd_ids, odd_ids, st.lists(counts, min_size=1, max_size=4),
+                              st.lists(st.tuples(odd_ids, st.integers(-60, 60),
+                                                 st.sampled_from([37.0, 38.4, 39.2])), max_size=3),
+                              st.lists(st.tuples(odd_ids, odd_ids, st.integers(1, 50)), max_size=1),
+                              st.sampled_from(["inactive", "active"]),
+                              st.sampled_from([SYSTEM, "https://other.example/fhir"]),
+                              st.sampled_from(["clinical", "ctcae-v5"])),
+                    min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(patients=patients)
+def test_a_flags_built_shape_stands_for_its_walked_shape(patients):
+    """Where _flag says it knows the shape, walking the Flag finds a shape (and where it does not, the walk
+    finds none), and two Flags with one built shape have one walked shape: so the cache keyed by the built
+    shape holds exactly what the walked one would."""
+    walked_by_built = {}
+    for patient_id, identifier, drawn, temperatures, chemotherapy, status, system, profile in patients:
+        output = writeback.Output(system_base=system, profile=profile)
+        for assessed in episodes_of(patient_id, drawn, temperatures, chemotherapy, profile):
+            body, built = writeback._flag(patient_id, identifier, assessed, output)
+            walked = writeback._shape("Flag", {**body, "status": status})
+            assert (built is None) == (walked is None)
+            if built is not None:
+                assert walked_by_built.setdefault((built, status), walked) == walked
+
+
+def test_a_flag_outside_its_built_shape_is_left_to_the_model(monkeypatch):
+    [assessed] = episodes_of("p1", [("o1", 0, 420, "", timezone.utc)], [], [])
+    output = writeback.Output(system_base=SYSTEM, profile="clinical")
+    monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
+    body, built = writeback._flag("p1", "p1/o1", assessed, output)
+    writeback._validated("Flag", {**body, "status": "active"}, (built, "active"))  # the shape is known valid
+    body, built = writeback._flag("p1", "", assessed, output)  # an empty identifier value: not text
+    assert built is None
+    with pytest.raises(ValidationError):
+        writeback._validated("Flag", {**body, "status": "active"}, None)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(patients=patients, method=st.sampled_from(["clinical", "ctcae-v5", "other"]))
+def test_a_risk_assessments_built_shape_stands_for_its_walked_shape(patients, method):
+    """The same for a RiskAssessment (writeback._risk_assessment's `built`). Its method code is the output's
+    profile, drawn apart from the grading's here."""
+    walked_by_built = {}
+    for n, (patient_id, identifier, drawn, temperatures, chemotherapy, status, system, profile) in enumerate(patients):
+        output = writeback.Output(system_base=system, profile=method if n % 2 else profile,
+                                  resources=("RiskAssessment",))
+        for assessed in assessment_of(patient_id, drawn, temperatures, chemotherapy, profile).counts:
+            body, built = writeback._risk_assessment(patient_id, identifier, assessed, output)
+            walked = writeback._shape("RiskAssessment", {**body, "status": status})
+            assert (built is None) == (walked is None)
+            if built is not None:
+                assert walked_by_built.setdefault((built, status), walked) == walked
