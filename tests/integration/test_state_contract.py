@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -298,3 +298,39 @@ def test_a_dry_run_review_copy_is_a_private_sqlite_file_of_the_state(state, tmp_
     with review.transaction():
         review.set_watermark(LATER)
     assert state.watermark() == NOW  # the live state is only read
+
+
+def test_counts_read_back_in_the_transaction_that_wrote_them_are_those_built_from_their_rows(state):
+    # readings_of hands back the objects a graded row was written from while the row is unchanged: they
+    # must be what building from the row gives after the commit, types and all (repr tells 300 from 300.0,
+    # -0.0 from 0.0, and one timezone object from another).
+    plus_two = datetime(2026, 11, 20, 10, 30, 0, 250, tzinfo=timezone(timedelta(hours=2)))
+    derived = Classification(Grade.MILD, age_band=AgeBand.INFANT, notes=("derived: WBC × neutrophils %",))
+    written = [
+        (Reading("o1", "1", "final", "p", WHEN, Count(1234.5678901), lln_per_ul=1800.25), graded()),
+        (Reading("o2", "1", "final", "p", plus_two, Count(300)), graded()),  # an int, as a caller may pass
+        (Reading("o3", "1", "final", "p", WHEN, Count(-0.0, "<"), lln_per_ul=1500), graded()),
+        (Reading("o4", "1", "final", "p", WHEN.replace(tzinfo=None), Count(900.0)), graded(Grade.MODERATE)),
+        (Reading("o5", "1", "final", "p", WHEN, Count(700.0)), graded(Grade.MODERATE)),
+        (Reading("d1", "o1+o2", "final", "p", WHEN, Count(1200.0), sources=("o1", "o2")), derived),
+        (Reading("o6", "1", "final", "q", WHEN, Count(400.0)), graded()),
+    ]
+    with state.transaction():
+        state.record_classified_many([(r, c, NOW, "") for r, c in written[:4]])
+        for r, c in written[4:]:
+            state.record_classified(r, c, NOW)
+        # Rows changed after they were written: a newer version, one withdrawn, one moved to another patient.
+        state.record_classified(reading("o5", version="2", value=450.0), graded(), LATER)
+        state.record_outcome("o3", "2", "entered-in-error", "p", "withdrawn", LATER)
+        state.record_classified(reading("o6", version="2", patient_id="p"), graded(), LATER)
+        state.quarantine("o1", "2", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o1"}, LATER,
+                         keep_reading=True)
+        inside = state.readings_of(["p", "q"])
+        again = state.readings_of(["p", "q"])  # read a second time: built from the rows
+    after = state.readings_of(["p", "q"])
+    by_id = lambda graded: graded[0].observation_id  # noqa: E731
+    assert {p: repr(sorted(found, key=by_id)) for p, found in inside.items()} == \
+        {p: repr(sorted(found, key=by_id)) for p, found in after.items()} == \
+        {p: repr(sorted(found, key=by_id)) for p, found in again.items()}
+    assert sorted(r.observation_id for r, _ in after["p"]) == ["d1", "o1", "o2", "o4", "o5", "o6"]
+    assert after["q"] == []
