@@ -334,3 +334,28 @@ def test_counts_read_back_in_the_transaction_that_wrote_them_are_those_built_fro
         {p: repr(sorted(found, key=by_id)) for p, found in again.items()}
     assert sorted(r.observation_id for r, _ in after["p"]) == ["d1", "o1", "o2", "o4", "o5", "o6"]
     assert after["q"] == []
+
+
+def test_what_we_wrote_read_for_many_patients_at_once_is_what_each_reads_alone(state, monkeypatch):
+    from adapter import state as state_module
+
+    monkeypatch.setattr(state_module, "_IN_BATCH", 4)  # two types and two patients a statement: several
+    rows = [Written("Flag", "p/o2", "p", "active", "h1", "srv-1", ("o2", "o1")),
+            Written("Flag", "p/o10", "p", "inactive", "h0", "srv-0"),
+            Written("RiskAssessment", "p/o2", "p", "final", "h2", None, ("o2",)),
+            Written("Flag", "q/B", "q", "active", "h3", None, ("b",)),
+            Written("Flag", "q/a", "q", "inactive", "h4", None, ("a",)),
+            Written("RiskAssessment", "r/x", "r", "final", "h5", None)]
+    with state.transaction():
+        for row in rows:
+            state.record_written(row, NOW)
+    patients, kinds = ["r", "q", "p", "nobody", "p"], ("Flag", "RiskAssessment")
+    alone = {(p, kind): state.written(p, kind) for p in patients for kind in kinds}  # outside: no memo
+    with state.transaction():
+        state.read_written(patients, kinds)
+        assert set(state._written_memo) == {(p, kind) for p in patients for kind in kinds}  # no statement each
+        assert {(p, kind): state.written(p, kind) for p in patients for kind in kinds} == alone
+        state.record_written(Written("Flag", "q/a", "p", "active", "h6", None, ("a",)), LATER)  # re-filed
+        assert state.written("q", "Flag") == [rows[3]]
+        assert [w.identifier for w in state.written("p", "Flag")] == ["p/o10", "p/o2", "q/a"]
+    assert alone[("p", "Flag")] == [rows[1], rows[0]] and alone[("nobody", "Flag")] == []
