@@ -357,6 +357,7 @@ class State:
             raise ConfigError(f"state.path: cannot read {path}: {exc}") from None
         state = cls.__new__(cls)
         state.db = connection
+        state.postgres = False
         state.db.row_factory = sqlite3.Row
         return state
 
