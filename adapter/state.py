@@ -614,7 +614,7 @@ class State:
         for graded, rows in pending:
             for (reading, result, _, _), row in zip(graded, rows):
                 if _reads_back_alike(reading):
-                    memo[row[0]] = (row, (reading, result))
+                    memo[row[0]] = (row[:_READ_BACK], (reading, result))
                 else:
                     memo.pop(row[0], None)
         pending.clear()
@@ -1149,8 +1149,11 @@ def _to_json(items: tuple[Any, ...] | list[Any]) -> str:
 # plain tuple (the one exception to reading rows by column name: a name lookup on an SQLite row searches its
 # columns, ~0.25 µs each), and maps grade and age band with a dict instead of the Enum call
 # (EnumType.__call__, ~0.7 µs). The columns are those record_classified_many writes, in its order, so a row
-# read back compares equal to the row written while it is unchanged (State._graded_memo).
-_SELECT_READINGS = f"SELECT {', '.join(_CLASSIFIED_COLUMNS)} FROM observations WHERE outcome = 'classified'"
+# read back compares equal to the start of the row written while it is unchanged (State._graded_memo); all
+# but the last two, processed_at and last_updated, which no Reading holds (two columns fewer a row to read).
+_READ_BACK = len(_CLASSIFIED_COLUMNS) - 2
+_SELECT_READINGS = (f"SELECT {', '.join(_CLASSIFIED_COLUMNS[:_READ_BACK])} FROM observations"
+                    " WHERE outcome = 'classified'")
 _GRADES = {grade.value: grade for grade in Grade}
 _AGE_BANDS = {band.value: band for band in AgeBand}
 
@@ -1167,7 +1170,7 @@ def _reads_back_alike(reading: Reading) -> bool:
 
 def _reading_row(row: tuple[Any, ...]) -> tuple[Reading, Classification]:
     (observation_id, version, status, patient_id, _, effective, anc_per_ul, comparator, lln_per_ul, grade,
-     at_least, age_band, notes, sources, _, _) = row
+     at_least, age_band, notes, sources) = row
     reading = Reading(
         observation_id=observation_id,
         version=version,
