@@ -598,8 +598,9 @@ class State:
         memo = self._recorded()
         for ids in _chunks(patient_ids):
             for row in self._tuples(_SELECT_READINGS + f" AND patient_id IN ({_marks(ids)})", ids):
-                # Written by this transaction and unchanged since (the whole row compares equal, so a later
-                # write of any kind, or a rollback, falls back to building it): the objects it came from.
+                # Written by this transaction and unchanged since (every column it is built from compares
+                # equal, so a later write of any kind, or a rollback, falls back to building it): the
+                # objects it was written from.
                 recorded = memo.pop(row[0], None)
                 graded = recorded[1] if recorded is not None and recorded[0] == row else _reading_row(row)
                 found[graded[0].patient_id].append(graded)
@@ -769,6 +770,9 @@ class State:
         kinds = list(resource_types)
         for ids in _chunks(wanted, _IN_BATCH - len(kinds)):
             found: dict[tuple[str, str], list[Written]] = {(p, kind): [] for p in ids for kind in kinds}
+            # Each list in identifier order, as written() has it. Ordered as the written_by_patient index is, so
+            # SQLite takes that index: ordered by identifier alone, it walked the primary key instead, every
+            # row of those types for every statement.
             for row in self.db.execute(
                 f"SELECT * FROM written WHERE patient_id IN ({_marks(ids)}) AND resource_type IN ({_marks(kinds)})"
                 " ORDER BY patient_id, resource_type, identifier", ids + kinds
