@@ -259,7 +259,7 @@ class State:
     # Kept as record_classified_many got them (a list per call: nothing to do per count on a page that
     # plans no write), indexed by observation id when a plan first reads counts back. Bounded by what one
     # transaction records; dropped at its end.
-    _graded_pending: list[tuple[list[tuple[Reading, Classification, str, str]], list[tuple[Any, ...]]]] | None = None
+    _graded_pending: list[tuple[tuple[tuple[Reading, Classification, str, str], ...], list[tuple[Any, ...]]]] | None = None
     _graded_memo: dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification]]] | None = None
 
     def __init__(self, connection: sqlite3.Connection | state_pg.Connection):
@@ -528,7 +528,7 @@ class State:
         yet is not in ledger()."""
         rows = [_classified_row(*row) for row in graded]
         if self._graded_pending is not None:
-            self._graded_pending.append((graded, rows))
+            self._graded_pending.append((tuple(graded), rows))  # a copy: the caller may reuse its list
         ids = [row[0] for row in rows]
         if len(set(ids)) < len(ids):
             # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
