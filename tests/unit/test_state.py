@@ -125,7 +125,7 @@ def test_counts_read_back_are_their_own_when_the_caller_reuses_its_list():
         state.record_classified_many(page)
         page[:] = [(Reading(f"x{i}", "1", "final", "q", effective, Count(1200.0 + i)), grade, NOW, "") for i in range(3)]
         state.record_classified_many(page)
-        page.clear()  # a caller emptying the list it passed: what was recorded stays what was recorded
+        page.reverse()  # a caller reusing the list it passed: what was recorded stays what was recorded
         inside = state.readings_of(["p", "q"])
     after = state.readings_of(["p", "q"])
     assert {p: sorted(r.observation_id for r, _ in inside[p]) for p in inside} == \
