@@ -623,9 +623,11 @@ class Run:
         part: list[writeback.Planned] = []
         for start in range(0, len(patient_ids), _PATIENTS_PER_READ):
             chunk = patient_ids[start:start + _PATIENTS_PER_READ]
-            # The stored counts and context of the patients that may need a write, in one statement each
-            # instead of one per patient. Read before earlier parts' writes are recorded, and still exact:
-            # planning and writing change only `written` rows (read per patient, in _plan), never these.
+            # What we wrote for them, then the stored counts and context of those that may need a write, in
+            # one statement each instead of one per patient. Read before earlier parts' writes are
+            # recorded, and still exact: planning and writing change only `written` rows (read again per
+            # patient in _plan, once a write forgot them), never the counts or the context.
+            self.state.read_written(chunk, self.output.resources)
             assessed = [p for p in chunk if self._may_change(p, self._previously(p))]
             self._stored = self.state.readings_of(assessed)
             self._facts = self.state.context_facts_of(assessed)
@@ -645,6 +647,7 @@ class Run:
         Flag instead of getting a second one under a newly computed identifier."""
         if "Flag" not in self.output.resources:
             return
+        self.state.read_written(patient_ids, ("Flag",))
         unknown = [p for p in patient_ids if not self.state.written(p, "Flag")]
         if unknown and self._flags_of_ours is None:
             self._flags_of_ours = self._any_flag_of_ours()
@@ -900,6 +903,8 @@ class Run:
         no write (`_plan`), and a later abnormal count reads its own context around itself."""
         if not self._graded_at or not self._context_wanted():
             return {}
+        if not self.output.risk_assessment_for_normal:
+            self.state.read_written([p for p in self._graded_at if p not in self._abnormal], self.output.resources)
         return {patient_id: effective for patient_id, effective in self._graded_at.items()
                 if patient_id in self._abnormal or self.output.risk_assessment_for_normal
                 or any(self.state.written(patient_id, kind) for kind in self.output.resources)}

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from math import copysign
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,14 @@ class State:
     # record_written, which forgets them. Only within a transaction, where the lock and BEGIN IMMEDIATE
     # leave this run the only writer; dropped at its end, whether it commits or rolls back.
     _written_memo: dict[tuple[str, str], list[Written]] | None = None
+    # The graded rows the open transaction wrote, with the Reading and Classification each was written from.
+    # Planning reads a batch's counts back right after recording them; a row read back that is still
+    # exactly the row written gives back those objects instead of new ones built from it (readings_of).
+    # Kept as record_classified_many got them (a list per call: nothing to do per count on a page that
+    # plans no write), indexed by observation id when a plan first reads counts back. Bounded by what one
+    # transaction records; dropped at its end.
+    _graded_pending: list[tuple[tuple[tuple[Reading, Classification, str, str], ...], list[tuple[Any, ...]]]] | None = None
+    _graded_memo: dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification]]] | None = None
 
     def __init__(self, connection: sqlite3.Connection | state_pg.Connection):
         self.db = connection
@@ -348,6 +357,7 @@ class State:
             raise ConfigError(f"state.path: cannot read {path}: {exc}") from None
         state = cls.__new__(cls)
         state.db = connection
+        state.postgres = False
         state.db.row_factory = sqlite3.Row
         return state
 
@@ -404,14 +414,14 @@ class State:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN IMMEDIATE")
-        self._written_memo = {}
+        self._written_memo, self._graded_pending, self._graded_memo = {}, [], {}
         try:
             yield
         except BaseException:
-            self._written_memo = None
+            self._written_memo = self._graded_pending = self._graded_memo = None
             self.db.execute("ROLLBACK")
             raise
-        self._written_memo = None
+        self._written_memo = self._graded_pending = self._graded_memo = None
         self.db.execute("COMMIT")
 
     # -- watermark -------------------------------------------------------------------------------
@@ -517,6 +527,8 @@ class State:
         statements instead of two per count. The caller keeps read-after-write exact: a row not written
         yet is not in ledger()."""
         rows = [_classified_row(*row) for row in graded]
+        if self._graded_pending is not None:
+            self._graded_pending.append((tuple(graded), rows))  # a copy: the caller may reuse its list
         ids = [row[0] for row in rows]
         if len(set(ids)) < len(ids):
             # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
@@ -583,11 +595,39 @@ class State:
         """readings() for many patients at once (each in no particular order): one statement per 500
         patients instead of one each, for planning a part of a batch."""
         found: dict[str, list[tuple[Reading, Classification]]] = {patient_id: [] for patient_id in patient_ids}
+        memo = self._recorded()
         for ids in _chunks(patient_ids):
-            for row in self.db.execute(_SELECT_READINGS + f" AND patient_id IN ({_marks(ids)})", ids):
-                graded = _reading_row(row)
+            for row in self._tuples(_SELECT_READINGS + f" AND patient_id IN ({_marks(ids)})", ids):
+                # Written by this transaction and unchanged since (every column it is built from compares
+                # equal, so a later write of any kind, or a rollback, falls back to building it): the
+                # objects it was written from.
+                recorded = memo.pop(row[0], None)
+                graded = recorded[1] if recorded is not None and recorded[0] == row else _reading_row(row)
                 found[graded[0].patient_id].append(graded)
         return found
+
+    def _recorded(self) -> dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification]]]:
+        """The graded rows this transaction wrote and no plan read back yet, by observation id (a later
+        write of the same id replaces an earlier one, as in the table)."""
+        memo, pending = self._graded_memo, self._graded_pending
+        if memo is None or pending is None:
+            return {}
+        for graded, rows in pending:
+            for (reading, result, _, _), row in zip(graded, rows):
+                if _reads_back_alike(reading):
+                    memo[row[0]] = (row[:_READ_BACK], (reading, result))
+                else:
+                    memo.pop(row[0], None)
+        pending.clear()
+        return memo
+
+    def _tuples(self, sql: str, parameters: list[Any]) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query as plain tuples, in the order it names the columns."""
+        if self.postgres:
+            return (tuple(row.values()) for row in self.db.execute(sql, parameters))
+        cursor = self.db.cursor()
+        cursor.row_factory = None
+        return cursor.execute(sql, parameters)
 
     def counts_by_outcome(self) -> dict[str, int]:
         rows = self.db.execute("SELECT outcome, count(*) AS n FROM observations GROUP BY outcome")
@@ -714,14 +754,31 @@ class State:
             "SELECT * FROM written WHERE patient_id = ? AND resource_type = ? ORDER BY identifier",
             (patient_id, resource_type),
         ).fetchall()
-        found = [
-            Written(row["resource_type"], row["identifier"], row["patient_id"], row["status"],
-                    row["content_hash"], row["server_id"], _json_list(row["evidence"]))
-            for row in rows
-        ]
+        found = [_written_row(row) for row in rows]
         if memo is not None:
             memo[patient_id, resource_type] = found
         return list(found)
+
+    def read_written(self, patient_ids: list[str], resource_types: tuple[str, ...]) -> None:
+        """Have written() answer for these patients and types from what one statement per 500 patients
+        reads, instead of one statement per patient and type (a batch asks for each of its patients).
+        Only within a transaction, where its answers are kept; until a write forgets them."""
+        memo = self._written_memo
+        if memo is None or not resource_types:
+            return
+        wanted = [p for p in dict.fromkeys(patient_ids) if any((p, kind) not in memo for kind in resource_types)]
+        kinds = list(resource_types)
+        for ids in _chunks(wanted, _IN_BATCH - len(kinds)):
+            found: dict[tuple[str, str], list[Written]] = {(p, kind): [] for p in ids for kind in kinds}
+            # Each list in identifier order, as written() has it. Ordered as the written_by_patient index is, so
+            # SQLite takes that index: ordered by identifier alone, it walked the primary key instead, every
+            # row of those types for every statement.
+            for row in self.db.execute(
+                f"SELECT * FROM written WHERE patient_id IN ({_marks(ids)}) AND resource_type IN ({_marks(kinds)})"
+                " ORDER BY patient_id, resource_type, identifier", ids + kinds
+            ):
+                found[row["patient_id"], row["resource_type"]].append(_written_row(row))
+            memo.update(found)
 
     def record_written(self, item: Written, now: str) -> None:
         self.record_written_many([item], now)
@@ -829,8 +886,7 @@ class State:
         return {key: self._meta(f"review_{key}") or "" for key in ("run_id", "started", "since", "until")}
 
     def all_readings(self) -> list[tuple[Reading, Classification]]:
-        rows = self.db.execute(_SELECT_READINGS).fetchall()
-        return [_reading_row(row) for row in rows]
+        return [_reading_row(row) for row in self._tuples(_SELECT_READINGS, [])]
 
     def all_written(self) -> list[tuple[Written, str]]:
         """Every resource we wrote (or, in a review state, would write), with when it was recorded."""
@@ -1099,6 +1155,11 @@ def _ledgered(row: sqlite3.Row) -> Ledgered:
                     row["last_updated"] or "", _json_list(row["sources"]) != (), row["status"])
 
 
+def _written_row(row: sqlite3.Row) -> Written:
+    return Written(row["resource_type"], row["identifier"], row["patient_id"], row["status"], row["content_hash"],
+                   row["server_id"], _json_list(row["evidence"]))
+
+
 def _json_list(text: str | None) -> tuple[Any, ...]:
     """A JSON list column; most are empty, and "[]" needs no parser."""
     return () if not text or text == "[]" else tuple(json.loads(text))
@@ -1118,20 +1179,32 @@ def _to_json(items: tuple[Any, ...] | list[Any]) -> str:
     return json.dumps(list(items))
 
 
-# Every stored count a plan reads back goes through _reading_row, so it reads the row by position, in the
-# order this statement names the columns (the one exception to reading rows by column name: a name lookup
-# on an SQLite row searches its columns, ~0.25 µs each, 13 a row; PostgreSQL's rows are dicts in the same
-# order), and maps grade and age band with a dict instead of the Enum call (EnumType.__call__, ~0.7 µs).
-_SELECT_READINGS = ("SELECT observation_id, version, status, patient_id, effective, anc_per_ul, comparator,"
-                    " lln_per_ul, sources, grade, at_least, age_band, notes FROM observations"
+# Every stored count a plan reads back goes through _reading_row, so it reads the row by position, as a
+# plain tuple (the one exception to reading rows by column name: a name lookup on an SQLite row searches its
+# columns, ~0.25 µs each), and maps grade and age band with a dict instead of the Enum call
+# (EnumType.__call__, ~0.7 µs). The columns are those record_classified_many writes, in its order, so a row
+# read back compares equal to the start of the row written while it is unchanged (State._graded_memo); all
+# but the last two, processed_at and last_updated, which no Reading holds (two columns fewer a row to read).
+_READ_BACK = len(_CLASSIFIED_COLUMNS) - 2
+_SELECT_READINGS = (f"SELECT {', '.join(_CLASSIFIED_COLUMNS[:_READ_BACK])} FROM observations"
                     " WHERE outcome = 'classified'")
 _GRADES = {grade.value: grade for grade in Grade}
 _AGE_BANDS = {band.value: band for band in AgeBand}
 
 
-def _reading_row(row: sqlite3.Row | dict[str, Any]) -> tuple[Reading, Classification]:
-    (observation_id, version, status, patient_id, effective, anc_per_ul, comparator, lln_per_ul, sources,
-     grade, at_least, age_band, notes) = row.values() if isinstance(row, dict) else row
+def _reads_back_alike(reading: Reading) -> bool:
+    """Does the row written for this reading build it again exactly, types included? The REAL columns give
+    back a float (never an int) and 0.0 for -0.0; the effective time comes back with a fixed-offset
+    timezone (fromisoformat of its isoformat). Anything else is built from the row, as always."""
+    anc, lln = reading.count.anc_per_ul, reading.lln_per_ul
+    return (type(anc) is float and copysign(1.0, anc) > 0
+            and (lln is None or (type(lln) is float and copysign(1.0, lln) > 0))
+            and type(reading.effective.tzinfo) is timezone)
+
+
+def _reading_row(row: tuple[Any, ...]) -> tuple[Reading, Classification]:
+    (observation_id, version, status, patient_id, _, effective, anc_per_ul, comparator, lln_per_ul, grade,
+     at_least, age_band, notes, sources) = row
     reading = Reading(
         observation_id=observation_id,
         version=version,

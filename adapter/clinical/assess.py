@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from adapter.clinical import classify, context
@@ -105,34 +105,33 @@ _NEXT_MOST_SEVERE = (Grade.MODERATE, Grade.CTCAE_3)
 
 
 def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessment:
-    ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
+    ordered = sorted(readings, key=_time_order)
     marked = rules.duffy_null and bool(facts.duffy_null_markers)
     # Without a temperature or a chemotherapy record read for the patient there is nothing to find near
     # any count: asked once per patient instead of once per count.
     febrile = rules.febrile and bool(facts.temperatures)
     temperatures = sorted(facts.temperatures, key=context.time_order) if febrile else []
     after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
-    exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
-    projected_in_order = iter(context.projections(exact, rules.febrile_rules) if rules.projection else ())
+    anc_below = rules.febrile_rules.anc_below
     counts = []
-    for reading, result in ordered:
+    any_fever = False
+    for (reading, result), projected in zip(ordered, _projections(ordered, rules)):
         floor = None
         if marked:
             result, floor = _duffy_null(reading, result, rules)
-        projected = None
-        if rules.projection and not reading.count.comparator:
-            projected = next(projected_in_order)  # `exact` is `ordered` without the comparator counts
         found = None
-        if febrile and (_below(reading, rules.febrile_rules.anc_below) or projected is not None):
+        if febrile and (_below(reading, anc_below) or projected is not None):
             found = context.fever(temperatures, reading.effective, rules.febrile_rules, in_order=True)
+            any_fever = any_fever or found is not None
         chemo = None
         if after_chemotherapy:
             chemo = context.chemotherapy(facts.chemotherapy, reading.effective, rules.chemotherapy_lookback)
         counts.append(AssessedCount(reading, result, found, projected, chemo, floor))
     by_id = {c.reading.observation_id: c for c in counts}
     assessed = []
-    any_fever = any(c.fever for c in counts)
-    for episode in episodes([c.graded for c in counts]):
+    # In time order already; a site-marked threshold may have changed a grade, and with it the episodes.
+    graded = [c.graded for c in counts] if marked else ordered
+    for episode in episodes(graded, in_order=True):
         latest = by_id[episode.latest[0].observation_id]
         fever = latest.fever
         if fever is None and any_fever:  # else no member can have one
@@ -141,6 +140,23 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
             fever = next((c.fever for c in reversed(members) if c.fever), None)
         assessed.append(AssessedEpisode(episode, latest, fever))
     return Assessment(tuple(counts), tuple(assessed))
+
+
+def _time_order(graded: Graded) -> tuple[datetime, str]:
+    return graded[0].effective, graded[0].observation_id
+
+
+def _projections(ordered: list[Graded], rules: Rules) -> list[Projection | None]:
+    """The projection at each count, in the order given (time order): none for a count with a comparator,
+    which is not projected from nor to."""
+    if not rules.projection:
+        return [None] * len(ordered)
+    exact = [(r.observation_id, r.effective, r.count.anc_per_ul) for r, _ in ordered if not r.count.comparator]
+    found = context.projections(exact, rules.febrile_rules)
+    if len(exact) == len(ordered):
+        return found
+    in_order = iter(found)
+    return [None if r.count.comparator else next(in_order) for r, _ in ordered]
 
 
 def _below(reading: Reading, bound: float) -> bool:

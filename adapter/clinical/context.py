@@ -145,15 +145,18 @@ def projections(counts: list[tuple[str, datetime, float]], rules: FebrileRules) 
     between the gaps before each one form a window that only moves forward along the list, so a history
     of n counts takes n steps instead of n² (every plan asks about each count of the patient)."""
     low_gap, high_gap = _hours(rules.projection_min_gap_hours), _hours(rules.projection_max_gap_hours)
+    below, total = rules.anc_below, len(counts)
     found: list[Projection | None] = []
     low = high = 0
     for at in counts:
         time = at[1]
-        while high < len(counts) and time - counts[high][1] >= low_gap:
+        while high < total and time - counts[high][1] >= low_gap:
             high += 1
-        while low < len(counts) and time - counts[low][1] > high_gap:
+        while low < total and time - counts[low][1] > high_gap:
             low += 1
-        found.append(projection(counts[low:high], at, rules))
+        # projection() answers None at once for a count already below the bound or with no earlier count in
+        # the window: most counts, so asked here without the call and its slice.
+        found.append(None if at[2] < below or high <= low else projection(counts[low:high], at, rules))
     return found
 
 

@@ -30,8 +30,9 @@ class Episode:
         return self.closed_by[0].effective if self.closed_by else None
 
 
-def episodes(readings: list[Graded]) -> list[Episode]:
-    ordered = sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
+def episodes(readings: list[Graded], in_order: bool = False) -> list[Episode]:
+    """`in_order`: `readings` is already sorted by (effective time, observation id), as assess has them."""
+    ordered = readings if in_order else sorted(readings, key=lambda g: (g[0].effective, g[0].observation_id))
     found: list[Episode] = []
     members: list[Graded] = []
     for graded in ordered:

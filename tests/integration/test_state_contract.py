@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -317,3 +317,64 @@ def test_writes_recorded_together_are_recorded_as_one_by_one(state):
         state.record_written_many(twice, NOW)
     assert state.written("r", "Flag") == [twice[1]]
     assert state.written_counts() == {"Flag:active": 150, "Flag:inactive": 2}
+
+
+def test_counts_read_back_in_the_transaction_that_wrote_them_are_those_built_from_their_rows(state):
+    # readings_of hands back the objects a graded row was written from while the row is unchanged: they
+    # must be what building from the row gives after the commit, types and all (repr tells 300 from 300.0,
+    # -0.0 from 0.0, and one timezone object from another).
+    plus_two = datetime(2026, 11, 20, 10, 30, 0, 250, tzinfo=timezone(timedelta(hours=2)))
+    derived = Classification(Grade.MILD, age_band=AgeBand.INFANT, notes=("derived: WBC × neutrophils %",))
+    written = [
+        (Reading("o1", "1", "final", "p", WHEN, Count(1234.5678901), lln_per_ul=1800.25), graded()),
+        (Reading("o2", "1", "final", "p", plus_two, Count(300)), graded()),  # an int, as a caller may pass
+        (Reading("o3", "1", "final", "p", WHEN, Count(-0.0, "<"), lln_per_ul=1500), graded()),
+        (Reading("o4", "1", "final", "p", WHEN.replace(tzinfo=None), Count(900.0)), graded(Grade.MODERATE)),
+        (Reading("o5", "1", "final", "p", WHEN, Count(700.0)), graded(Grade.MODERATE)),
+        (Reading("d1", "o1+o2", "final", "p", WHEN, Count(1200.0), sources=("o1", "o2")), derived),
+        (Reading("o6", "1", "final", "q", WHEN, Count(400.0)), graded()),
+    ]
+    with state.transaction():
+        state.record_classified_many([(r, c, NOW, "") for r, c in written[:4]])
+        for r, c in written[4:]:
+            state.record_classified(r, c, NOW)
+        # Rows changed after they were written: a newer version, one withdrawn, one moved to another patient.
+        state.record_classified(reading("o5", version="2", value=450.0), graded(), LATER)
+        state.record_outcome("o3", "2", "entered-in-error", "p", "withdrawn", LATER)
+        state.record_classified(reading("o6", version="2", patient_id="p"), graded(), LATER)
+        state.quarantine("o1", "2", "p", Quarantine(Reason.UNKNOWN_UNIT, "unit 'x'"), {"id": "o1"}, LATER,
+                         keep_reading=True)
+        inside = state.readings_of(["p", "q"])
+        again = state.readings_of(["p", "q"])  # read a second time: built from the rows
+    after = state.readings_of(["p", "q"])
+    by_id = lambda graded: graded[0].observation_id  # noqa: E731
+    assert {p: repr(sorted(found, key=by_id)) for p, found in inside.items()} == \
+        {p: repr(sorted(found, key=by_id)) for p, found in after.items()} == \
+        {p: repr(sorted(found, key=by_id)) for p, found in again.items()}
+    assert sorted(r.observation_id for r, _ in after["p"]) == ["d1", "o1", "o2", "o4", "o5", "o6"]
+    assert after["q"] == []
+
+
+def test_what_we_wrote_read_for_many_patients_at_once_is_what_each_reads_alone(state, monkeypatch):
+    from adapter import state as state_module
+
+    monkeypatch.setattr(state_module, "_IN_BATCH", 4)  # two types and two patients a statement: several
+    rows = [Written("Flag", "p/o2", "p", "active", "h1", "srv-1", ("o2", "o1")),
+            Written("Flag", "p/o10", "p", "inactive", "h0", "srv-0"),
+            Written("RiskAssessment", "p/o2", "p", "final", "h2", None, ("o2",)),
+            Written("Flag", "q/B", "q", "active", "h3", None, ("b",)),
+            Written("Flag", "q/a", "q", "inactive", "h4", None, ("a",)),
+            Written("RiskAssessment", "r/x", "r", "final", "h5", None)]
+    with state.transaction():
+        for row in rows:
+            state.record_written(row, NOW)
+    patients, kinds = ["r", "q", "p", "nobody", "p"], ("Flag", "RiskAssessment")
+    alone = {(p, kind): state.written(p, kind) for p in patients for kind in kinds}  # outside: no memo
+    with state.transaction():
+        state.read_written(patients, kinds)
+        assert set(state._written_memo) == {(p, kind) for p in patients for kind in kinds}  # no statement each
+        assert {(p, kind): state.written(p, kind) for p in patients for kind in kinds} == alone
+        state.record_written(Written("Flag", "q/a", "p", "active", "h6", None, ("a",)), LATER)  # re-filed
+        assert state.written("q", "Flag") == [rows[3]]
+        assert [w.identifier for w in state.written("p", "Flag")] == ["p/o10", "p/o2", "q/a"]
+    assert alone[("p", "Flag")] == [rows[1], rows[0]] and alone[("nobody", "Flag")] == []

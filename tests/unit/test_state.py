@@ -114,3 +114,20 @@ def test_written_inside_a_transaction_follows_every_write_and_a_rollback():
     assert (state.written("p", "Flag"), state.written("q", "Flag")) == ([], [moved])
     with state.transaction():
         assert state.written("p", "Flag") == []
+
+
+def test_counts_read_back_are_their_own_when_the_caller_reuses_its_list():
+    state = State(sqlite3.connect(":memory:", isolation_level=None))
+    effective = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    grade = Classification(Grade.MILD, age_band=AgeBand.ADULT)
+    page = [(Reading(f"o{i}", "1", "final", "p", effective, Count(1000.0 + i)), grade, NOW, "") for i in range(3)]
+    with state.transaction():
+        state.record_classified_many(page)
+        page[:] = [(Reading(f"x{i}", "1", "final", "q", effective, Count(1200.0 + i)), grade, NOW, "") for i in range(3)]
+        state.record_classified_many(page)
+        page.reverse()  # a caller reusing the list it passed: what was recorded stays what was recorded
+        inside = state.readings_of(["p", "q"])
+    after = state.readings_of(["p", "q"])
+    assert {p: sorted(r.observation_id for r, _ in inside[p]) for p in inside} == \
+        {"p": ["o0", "o1", "o2"], "q": ["x0", "x1", "x2"]}
+    assert {p: sorted(inside[p], key=repr) for p in inside} == {p: sorted(after[p], key=repr) for p in after}
