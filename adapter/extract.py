@@ -10,7 +10,7 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from adapter.clinical import units
 from adapter.mappings import Coding, Mappings
@@ -271,6 +271,23 @@ def _parse_datetime(text: str) -> datetime | None:
     except (ValueError, OverflowError):
         return None
     return parsed
+
+
+def latest_datetime(texts: Collection[str]) -> datetime | None:
+    """The latest instant of these texts (by parse_datetime); None when none of them parses."""
+    # A page's lastUpdated values, as servers write them, share one shape: UTC ("Z") and the same digits
+    # after the second. Then the greatest text is the latest instant (the fields are fixed-width, the
+    # same in each, most significant first), and only that one is parsed, when it parses at all.
+    # (Nothing may come before the year: parse_datetime ignores spaces, which sort before digits.)
+    width = len(next(iter(texts), ""))
+    if all(len(text) == width and text[-1:] == "Z" and text[:1] in _DIGITS for text in texts):
+        latest = parse_datetime(max(texts, default=""))
+        if latest is not None:
+            return latest
+    return max((parsed for parsed in map(parse_datetime, texts) if parsed is not None), default=None)
+
+
+_DIGITS = frozenset("0123456789")
 
 
 def patient(resource: Mapping[str, Any]) -> Patient | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,3 +103,34 @@ def test_the_common_date_time_path_agrees_with_the_general_path(text):
     parsed = extract.parse_datetime(text)
     assert parsed == expected
     assert parsed is None or parsed.utcoffset() == expected.utcoffset()
+
+
+_instant = st.sampled_from(["2026-11-20T09:00:00Z", "2026-11-20T09:00:01Z", "2026-11-19T23:59:59Z",
+                            "2026-11-20T09:00:00.5Z", "2026-11-20T09:00:00.55Z", "2026-11-20T09:00:00.9Z",
+                            " 2026-11-20T09:00:00.9Z", " 2026-11-20T09:00:01Z", "2026-11-20T10:00:00+02:00",
+                            "2026-11-20T09:00:00", "2026-13-20T09:00:00Z", "9999-12-31T23:59:59Z", "2026-11-20",
+                            "2026-11-20T09:00Z", "2026-11-20T09:60:00Z", "2026-11-20T09:00:00.1234567Z", ""])
+_uniform = st.from_regex(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-6][0-9]:[0-6][0-9]\.[0-9]{3}Z", fullmatch=True)
+
+
+@pytest.mark.parametrize("texts", [
+    ["2026-11-20T09:00:00Z", "2026-11-20T09:00:00.5Z"],  # widths differ: 'Z' sorts after '.'
+    [" 2026-11-20T09:00:00.9Z", "2026-11-20T09:00:00.55Z"],  # a space sorts before the year
+    ["2026-11-20T10:00:00+02:00", "2026-11-20T09:00:00+00:00"],  # offsets: text order is not time order
+    ["2026-11-20T09:00:00.5Z", "2026-11-20T09:00:00.6Z", "2026-13-20T09:00:00Z"],  # the greatest is invalid
+    ["2026-11-20T09:00:00.5Z", "20261120T09:00:00.5Z"], [], [""],
+])
+def test_the_latest_instant_of_odd_pages(texts):
+    parsed = [moment for moment in map(extract.parse_datetime, texts) if moment is not None]
+    assert extract.latest_datetime(dict.fromkeys(texts)) == max(parsed, default=None)
+
+
+@settings(max_examples=500)
+@given(st.lists(_instant, max_size=6) | st.lists(_uniform, max_size=6)
+       | st.tuples(st.lists(_uniform, max_size=4), st.lists(_instant, max_size=2)).map(lambda p: p[0] + p[1]))
+def test_the_latest_instant_is_the_latest_that_parses(texts):
+    texts = dict.fromkeys(texts)
+    parsed = [moment for moment in map(extract.parse_datetime, texts) if moment is not None]
+    latest = extract.latest_datetime(texts)
+    assert latest == max(parsed, default=None)
+    assert latest is None or latest.utcoffset() == max(parsed).utcoffset()
