@@ -822,7 +822,8 @@ class Run:
                 self._classified.append((outcome, graded, now, seen.last_updated))
                 self._graded(outcome.patient_id, graded, outcome.effective)
                 self._row(outcome, graded)
-                return touched | {outcome.patient_id}
+                touched.add(outcome.patient_id)
+                return touched
             outcome = graded
         self.summary.quarantined += 1
         # A new version we cannot grade leaves the last graded one in effect for the same patient: a unit

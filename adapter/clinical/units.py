@@ -68,19 +68,18 @@ def _ucum_float(code: str) -> float | None:
 def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> float | Quarantine:
     """Prefer the UCUM code when the system is UCUM; fall back to the human-readable `unit`.
     (Reads JSON as parsed: `dict`, whose isinstance check is far cheaper than an ABC's.)"""
-    candidates = []
-    if quantity.get("system") == UCUM_SYSTEM and isinstance(quantity.get("code"), str):
-        candidates.append(quantity["code"])
-    if isinstance(quantity.get("unit"), str):
-        candidates.append(quantity["unit"])
-    for spelling in candidates:
-        factor = _ucum_float(spelling)
-        if factor is not None:
-            return factor
-        alias = aliases.get(spelling.strip())
-        if alias is not None:
-            return float(alias)
-    shown = " / ".join(repr(c) for c in candidates) or "none"
+    # Once per count read: the two spellings are tried in turn, without a list of candidates.
+    code = quantity.get("code") if quantity.get("system") == UCUM_SYSTEM else None
+    unit = quantity.get("unit")
+    for spelling in (code, unit):
+        if isinstance(spelling, str):
+            factor = _ucum_float(spelling)
+            if factor is not None:
+                return factor
+            alias = aliases.get(spelling.strip())
+            if alias is not None:
+                return float(alias)
+    shown = " / ".join(repr(c) for c in (code, unit) if isinstance(c, str)) or "none"
     return Quarantine(Reason.UNKNOWN_UNIT, f"unit {shown}")
 
 
