@@ -77,7 +77,7 @@ def _changed(resource: dict, changes: list) -> dict:
     return resource
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["10*3/uL", "10*9/L", "/uL", "K/uL", "cells/uL"]), st.lists(_change, max_size=3),
        st.booleans())
 def test_the_common_shape_path_agrees_with_the_general_path(unit, changes, derive):
