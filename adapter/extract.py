@@ -10,11 +10,11 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from adapter.clinical import units
 from adapter.mappings import Coding, Mappings
-from adapter.model import DeriveInput, InputKind, Patient, Quarantine, Reading, Reason
+from adapter.model import Count, DeriveInput, InputKind, Patient, Quarantine, Reading, Reason
 
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
@@ -47,6 +47,74 @@ def observation(
 ) -> Extracted | None:
     """None when the resource is not an identifiable Observation at all (counted as malformed).
     `input_kinds` (derived ANC on) also accepts the inputs of a derived ANC."""
+    common = _common_reading(resource, mappings, statuses)
+    return common if common is not None else _observation(resource, mappings, statuses, input_kinds)
+
+
+_NO_META: dict[str, Any] = {}  # read only
+
+
+def _common_reading(resource: Mapping[str, Any], mappings: Mappings, statuses: tuple[str, ...]) -> Extracted | None:
+    """The shape nearly every count read has, graded in one pass: a status we read, one coding that is
+    an ANC code, a "Patient/<id>" subject, an effectiveDateTime, a valueQuantity with a number and a known
+    unit, no referenceRange, no modifierExtension. None for anything else, even when only unusual: then
+    _observation, the general path, decides (and states the reason of a quarantine). This path only
+    skips the general path's detours, so it must never return what that would not
+    (tests/unit/test_extract_fast_path.py compares them on odd inputs)."""
+    # Every field is fetched and type-checked up front: any surprise falls back before work is done.
+    meta = resource.get("meta") or _NO_META
+    status = resource.get("status")
+    code = resource.get("code")
+    subject = resource.get("subject")
+    effective = resource.get("effectiveDateTime")
+    quantity = resource.get("valueQuantity")
+    if (resource.get("resourceType") != "Observation" or resource.get("modifierExtension")
+            or "referenceRange" in resource or type(meta) is not dict or type(status) is not str
+            or type(code) is not dict or type(subject) is not dict or type(effective) is not str
+            or type(quantity) is not dict or quantity.get("modifierExtension")
+            or status in WITHDRAWN_STATUSES or status not in statuses):
+        return None
+    codings = code.get("coding")
+    if type(codings) is not list or len(codings) != 1 or type(codings[0]) is not dict:
+        return None
+    system, anc_code = codings[0].get("system"), codings[0].get("code")
+    if type(system) is not str or type(anc_code) is not str or (system, anc_code) not in _code_set(mappings.anc_codes):
+        return None
+    observation_id = resource.get("id")
+    reference = subject.get("reference")
+    if not is_fhir_id(observation_id) or type(reference) is not str:
+        return None
+    patient_id = _patient_in(reference)
+    when = parse_datetime(effective)
+    value = quantity.get("value")
+    comparator = quantity.get("comparator", "")
+    if (patient_id is None or when is None or type(value) not in (float, int)
+            or comparator not in units.EXACT_OR_COMPARATOR):
+        return None
+    factor = units.unit_factor(quantity, mappings.unit_aliases)
+    if type(factor) is not float:
+        return None
+    try:
+        anc_per_ul = float(value) * factor
+    except OverflowError:  # an integer of hundreds of digits: the general path says so
+        return None
+    # Also false for NaN; infinity is above any maximum.
+    if not 0 <= anc_per_ul <= mappings.thresholds.max_anc_per_ul:
+        return None
+    last_updated = meta.get("lastUpdated")
+    seen = Seen(observation_id, str(meta.get("versionId") or last_updated or "0"), status,
+                str(last_updated or ""), patient_id)
+    return Extracted(seen, Reading(observation_id, seen.version, status, patient_id, when,
+                                   Count(round(anc_per_ul, 6), comparator)))
+
+
+def _observation(
+    resource: Mapping[str, Any],
+    mappings: Mappings,
+    statuses: tuple[str, ...],
+    input_kinds: Mapping[Coding, InputKind] | None = None,
+) -> Extracted | None:
+    """observation(), for every shape."""
     if resource.get("resourceType") != "Observation" or not is_fhir_id(resource.get("id")):
         return None
     # Raw JSON is checked with isinstance(..., dict): an ABC check (Mapping) costs ~10x more per field.
@@ -163,10 +231,31 @@ _DATETIME = re.compile(
 )
 
 
+# What servers send nearly always (to the second or finer, with an offset), in ASCII digits: text of this
+# shape is also of the shape _DATETIME reads, with an offset, and needs neither stripping nor its groups.
+_COMMON_DATETIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:Z|[+-][0-9]{2}:[0-9]{2})")
+
+
 def parse_datetime(text: Any) -> datetime | None:
     """FHIR dateTime/instant at day precision or finer. A date alone is taken as 00:00 UTC that day."""
     if not isinstance(text, str):
         return None
+    if _COMMON_DATETIME.fullmatch(text):
+        try:
+            parsed = datetime.fromisoformat(text)
+            # An offset (under a day) can carry an instant out of the calendar only from its first or
+            # last year: only there is the check below needed.
+            if parsed.year == 1 or parsed.year == 9999:
+                parsed.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            return None
+        return parsed
+    return _parse_datetime(text)
+
+
+def _parse_datetime(text: str) -> datetime | None:
+    """parse_datetime(), for every shape."""
     text = text.strip()
     match = _DATETIME.match(text)
     if not match:
@@ -182,6 +271,23 @@ def parse_datetime(text: Any) -> datetime | None:
     except (ValueError, OverflowError):
         return None
     return parsed
+
+
+def latest_datetime(texts: Collection[str]) -> datetime | None:
+    """The latest instant of these texts (by parse_datetime); None when none of them parses."""
+    # A page's lastUpdated values, as servers write them, share one shape: UTC ("Z") and the same digits
+    # after the second. Then the greatest text is the latest instant (the fields are fixed-width, the
+    # same in each, most significant first), and only that one is parsed, when it parses at all.
+    # (Nothing may come before the year: parse_datetime ignores spaces, which sort before digits.)
+    width = len(next(iter(texts), ""))
+    if all(len(text) == width and text[-1:] == "Z" and text[:1] in _DIGITS for text in texts):
+        latest = parse_datetime(max(texts, default=""))
+        if latest is not None:
+            return latest
+    return max((parsed for parsed in map(parse_datetime, texts) if parsed is not None), default=None)
+
+
+_DIGITS = frozenset("0123456789")
 
 
 def patient(resource: Mapping[str, Any]) -> Patient | None:
@@ -253,7 +359,13 @@ def patient_reference_id(subject: Any) -> str | None:
     """The Patient id a reference names (relative, absolute or versioned); None for anything else."""
     if not isinstance(subject, dict) or not isinstance(subject.get("reference"), str):
         return None
-    match = _PATIENT_REF.search(subject["reference"])
+    return _patient_in(subject["reference"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _patient_in(reference: str) -> str | None:
+    # A patient's counts come together (a page holds several of each): its reference is matched once.
+    match = _PATIENT_REF.search(reference)
     return match["id"] if match else None
 
 

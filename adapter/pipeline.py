@@ -828,7 +828,8 @@ class Run:
                 self._classified.append((outcome, graded, now, seen.last_updated))
                 self._graded(outcome.patient_id, graded, outcome.effective)
                 self._row(outcome, graded)
-                return touched | {outcome.patient_id}
+                touched.add(outcome.patient_id)
+                return touched
             outcome = graded
         self.summary.quarantined += 1
         # A new version we cannot grade leaves the last graded one in effect for the same patient: a unit
@@ -1021,15 +1022,14 @@ class Run:
             self._reread(self._run_since)
         # Each distinct lastUpdated once: a page often repeats one (a server may stamp a whole
         # transaction, a bulk load, with the same instant).
-        for last_updated in dict.fromkeys(seen.last_updated for seen in read):
-            updated = extract.parse_datetime(last_updated)
-            if updated is None:
-                continue
-            if updated > self._run_started:
-                # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
-                # would hide everything written before it, so it never moves past the run's start.
-                updated = self._run_started
-            self._batch_max = _later(self._batch_max, updated)
+        updated = extract.latest_datetime(dict.fromkeys(seen.last_updated for seen in read))
+        if updated is None:
+            return
+        if updated > self._run_started:
+            # Stamped after this run began (a clock ahead of ours, or a bogus date): a watermark there
+            # would hide everything written before it, so it never moves past the run's start.
+            updated = self._run_started
+        self._batch_max = _later(self._batch_max, updated)
 
     def _note_changed(self, prior: Any) -> None:
         """A new version of an Observation this state had read. If its previous version lay in the part of

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -536,7 +537,8 @@ class State:
                 self.db.execute(_record_classified_sql(1), row)
         else:
             for chunk in _chunks(rows, _ROWS_PER_INSERT):
-                self.db.execute(_record_classified_sql(len(chunk)), [value for row in chunk for value in row])
+                # Flattened in C: a comprehension over every value cost half a µs per count.
+                self.db.execute(_record_classified_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
         for chunk in _chunks(ids):
             self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({_marks(chunk)})", chunk)
 
@@ -971,10 +973,22 @@ def _classified_row(reading: Reading, result: Classification, now: str, last_upd
     count = reading.count
     return (
         reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
-        reading.effective.isoformat(), count.anc_per_ul, count.comparator, reading.lln_per_ul,
+        _instant_text(reading.effective), count.anc_per_ul, count.comparator, reading.lln_per_ul,
         result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
         _to_json(reading.sources), now, last_updated,
     )
+
+
+_TWO_DIGITS = tuple(f"{number:02d}" for number in range(100))
+
+
+def _instant_text(moment: datetime) -> str:
+    """moment.isoformat(). Once per count written, and for nearly all of them a whole-second UTC instant,
+    which is put together from its parts in half the time isoformat() takes to format them."""
+    if type(moment) is datetime and moment.tzinfo is timezone.utc and not moment.microsecond and moment.year >= 1000:
+        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}T{_TWO_DIGITS[moment.hour]}:"
+                f"{_TWO_DIGITS[moment.minute]}:{_TWO_DIGITS[moment.second]}+00:00")
+    return moment.isoformat()
 
 
 @contextmanager

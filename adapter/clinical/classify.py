@@ -65,7 +65,7 @@ def classify(
     lln_per_ul: float,
 ) -> Classification | Quarantine:
     """Grade one count. `lln_per_ul` is only used by the ctcae-v5 profile (grade 1 below the LLN)."""
-    notes: list[str] = []
+    notes: tuple[str, ...] = ()
     if profile == "ctcae-v5":
         grades = _ctcae_band(thresholds.ctcae, lln_per_ul)
         normal = Grade.CTCAE_0
@@ -74,14 +74,14 @@ def classify(
         grades = _grades(chosen.bounds)
         normal = Grade.NORMAL
         if chosen.note:
-            notes.append(chosen.note)
+            notes = (chosen.note,)
     if band is AgeBand.UNKNOWN:
-        notes.append(AGE_UNKNOWN_NOTE)
+        notes += (AGE_UNKNOWN_NOTE,)
     graded = _grade_range(count, grades, normal)
     if isinstance(graded, Quarantine):
         return graded
     grade, at_least = graded
-    return _classification(grade, at_least, band, tuple(notes))
+    return _classification(grade, at_least, band, notes)
 
 
 @functools.lru_cache(maxsize=256)

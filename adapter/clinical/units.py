@@ -15,7 +15,7 @@ from adapter.model import Count, Quarantine, Reason
 
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 COMPARATORS = ("<", "<=", ">=", ">")
-_EXACT_OR_COMPARATOR = ("", *COMPARATORS)
+EXACT_OR_COMPARATOR = ("", *COMPARATORS)
 
 # UCUM metric prefixes that make sense in front of a volume (UCUM §2.1, table 1).
 _PREFIX = {
@@ -68,19 +68,18 @@ def _ucum_float(code: str) -> float | None:
 def unit_factor(quantity: Mapping[str, Any], aliases: Mapping[str, float]) -> float | Quarantine:
     """Prefer the UCUM code when the system is UCUM; fall back to the human-readable `unit`.
     (Reads JSON as parsed: `dict`, whose isinstance check is far cheaper than an ABC's.)"""
-    candidates = []
-    if quantity.get("system") == UCUM_SYSTEM and isinstance(quantity.get("code"), str):
-        candidates.append(quantity["code"])
-    if isinstance(quantity.get("unit"), str):
-        candidates.append(quantity["unit"])
-    for spelling in candidates:
-        factor = _ucum_float(spelling)
-        if factor is not None:
-            return factor
-        alias = aliases.get(spelling.strip())
-        if alias is not None:
-            return float(alias)
-    shown = " / ".join(repr(c) for c in candidates) or "none"
+    # Once per count read: the two spellings are tried in turn, without a list of candidates.
+    code = quantity.get("code") if quantity.get("system") == UCUM_SYSTEM else None
+    unit = quantity.get("unit")
+    for spelling in (code, unit):
+        if isinstance(spelling, str):
+            factor = _ucum_float(spelling)
+            if factor is not None:
+                return factor
+            alias = aliases.get(spelling.strip())
+            if alias is not None:
+                return float(alias)
+    shown = " / ".join(repr(c) for c in (code, unit) if isinstance(c, str)) or "none"
     return Quarantine(Reason.UNKNOWN_UNIT, f"unit {shown}")
 
 
@@ -98,7 +97,7 @@ def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float
     if not math.isfinite(value):
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a finite number")
     comparator = quantity.get("comparator", "")
-    if comparator not in _EXACT_OR_COMPARATOR:
+    if comparator not in EXACT_OR_COMPARATOR:
         return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"comparator {comparator!r}")
     factor = unit_factor(quantity, aliases)
     if isinstance(factor, Quarantine):
