@@ -115,9 +115,10 @@ def test_a_provenance_passes_the_shape_cache_exactly_when_the_model_accepts_it(i
     assert cached_accepts("Provenance", resource) == model_accepts("Provenance", resource)
 
 
-def test_a_provenance_is_validated_once_per_shape(monkeypatch):
-    calls = []
-    real = writeback._MODELS["Provenance"]
+def counted_validations(monkeypatch, kind: str) -> list[dict]:
+    """Every resource of this kind the model validates from now on (the shape cache emptied first)."""
+    calls: list[dict] = []
+    real = writeback._MODELS[kind]
 
     class Counting:
         @staticmethod
@@ -126,7 +127,12 @@ def test_a_provenance_is_validated_once_per_shape(monkeypatch):
             return real.model_validate(resource)
 
     monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
-    monkeypatch.setitem(writeback._MODELS, "Provenance", Counting)
+    monkeypatch.setitem(writeback._MODELS, kind, Counting)
+    return calls
+
+
+def test_a_provenance_is_validated_once_per_shape(monkeypatch):
+    calls = counted_validations(monkeypatch, "Provenance")
     output = writeback.Output(system_base=SYSTEM, profile="clinical", provenance=True)
     for n in range(20):
         planned = writeback.Planned("Flag", f"p{n}/o{n}", f"p{n}", "active", f"h{n}", {}, None, (f"o{n}", "o-x"))
@@ -137,17 +143,7 @@ def test_a_provenance_is_validated_once_per_shape(monkeypatch):
 
 
 def test_the_model_runs_once_per_shape_and_again_for_a_new_shape(monkeypatch):
-    calls = []
-    real = writeback._MODELS["Flag"]
-
-    class Counting:
-        @staticmethod
-        def model_validate(resource):
-            calls.append(resource)
-            return real.model_validate(resource)
-
-    monkeypatch.setattr(writeback, "_VALID_SHAPES", set())
-    monkeypatch.setitem(writeback._MODELS, "Flag", Counting)
+    calls = counted_validations(monkeypatch, "Flag")
     for n in range(50):
         writeback._validated("Flag", flag(f"Patient/p{n}", f"p{n}/o{n}", f"ANC {n} cells/µL",
                                           f"2026-11-{n % 28 + 1:02d}T08:00:00Z", f"Observation/o{n}"))
