@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from adapter import source
 from adapter.config import ContextConfig
@@ -141,30 +141,61 @@ def _read_batched(client: FhirClient, searches: list[tuple[str, dict[str, Any]]]
                         for kind, params in searches]}
     try:
         answer = client.batch(bundle)
-    except (PermanentHttpError, AuthError) as exc:
-        found.batch_refused = True
-        log.warning("the server refused the context searches in a batch: they are sent one by one",
-                    extra={"event": "context-batch-refused", "error": str(exc)})
-        return searches
-    except FhirError:
-        return searches  # down after retries: each search on its own, with its retries, then as before
+    except (FhirError, AuthError) as exc:
+        # Refused, or down after its retries (a gateway may time out the larger request where the searches
+        # alone pass): each group would wait out the retries again, so the rest of the run sends them alone.
+        return _refused(searches, found, str(exc))
     entries = answer.get("entry") if answer.get("resourceType") == "Bundle" else None
     if not isinstance(entries, list) or len(entries) != len(searches):
-        found.batch_refused = True
-        log.warning("the server answered the context searches' batch with something else: they are sent one by "
-                    "one", extra={"event": "context-batch-refused", "error": "not one answer per search"})
-        return searches
+        return _refused(searches, found, "not one answer per search")
+    answers = [_answered(entry) for entry in entries]
+    if not all(page is None or _answers(page, kind) for (kind, _), page in zip(searches, answers)):
+        # The answers must come in the order of the searches (FHIR); one that is not the search's own cannot
+        # be placed, and neither can a failed one then: the searches are sent alone instead.
+        return _refused(searches, found, "an answer is not its search's")
     alone = []
-    for (kind, params), entry in zip(searches, entries):
-        page = entry.get("resource") if isinstance(entry, dict) else None
-        response = entry.get("response") if isinstance(entry, dict) else None
-        status = response.get("status") if isinstance(response, dict) else None
-        if isinstance(status, str) and status.startswith("2") and isinstance(page, dict) \
-                and page.get("resourceType") == "Bundle":
-            _search(client, kind, params, found, first=page)
+    for (kind, params), page in zip(searches, answers):
+        if page is None:
+            alone.append((kind, params))  # with the usual retries and handling, as if never batched
         else:
-            alone.append((kind, params))
+            _search(client, kind, params, found, first=page)
     return alone
+
+
+def _refused(searches: list[tuple[str, dict[str, Any]]], found: Found,
+             why: str) -> list[tuple[str, dict[str, Any]]]:
+    found.batch_refused = True
+    log.warning("the context searches could not be read in a batch: they are sent one by one for the rest of "
+                "the run", extra={"event": "context-batch-refused", "error": why})
+    return searches
+
+
+def _answered(entry: Any) -> dict[str, Any] | None:
+    """The page a batch entry answered, or None when it did not answer with one."""
+    page = entry.get("resource") if isinstance(entry, dict) else None
+    response = entry.get("response") if isinstance(entry, dict) else None
+    status = response.get("status") if isinstance(response, dict) else None
+    if isinstance(status, str) and status.startswith("2") and isinstance(page, dict) \
+            and page.get("resourceType") == "Bundle":
+        return page
+    return None
+
+
+def _answers(page: dict[str, Any], kind: str) -> bool:
+    """Can this page be the answer to a search of `kind`? Its resources are of that kind (or included
+    Medications, or an OperationOutcome), and its self link, when it has one, is a search of that kind."""
+    for entry in page.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") not in (kind, "Medication", "OperationOutcome"):
+            return False
+    links = page.get("link") if isinstance(page.get("link"), list) else []
+    for link in links:
+        if isinstance(link, dict) and link.get("relation") == "self" and isinstance(link.get("url"), str):
+            path = urlsplit(link["url"]).path.rstrip("/").removesuffix("/_search")
+            return path.rsplit("/", 1)[-1] == kind
+    # (Two empty answers swapped, with no self links, cannot be told apart: nothing is lost by them, and a
+    # failed entry beside them would be sent alone under the wrong type. FHIR requires the order.)
+    return True
 
 
 def _batches(patient_ids: list[str]) -> Iterator[list[str]]:

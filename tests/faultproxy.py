@@ -3,7 +3,9 @@ server, and now and then it fails the way networks, gateways and busy servers fa
 
 Standard library only. Listens on 127.0.0.1 (a free port) and forwards only to a loopback upstream; stops
 when its context exits. Which request fails, and how, comes from a seeded generator: one stream per HTTP
-method, so the n-th POST meets the same fate however many GETs came before it. Kinds are drawn from a
+method, so the n-th POST meets the same fate however many GETs came before it. A POST that only reads (a
+batch Bundle of GET searches) is a read with a stream of its own: it never counts as a write, and the
+writes' fates do not depend on how many of them came first. Kinds are drawn from a
 shuffled bag (every kind once before any repeats), so a short run still sees a variety of faults.
 
 A write (any method but GET/HEAD) may be forwarded and *then* failed: the server applied it but the client
@@ -15,6 +17,7 @@ the proxy base, so paging continues through the proxy."""
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import socket
 import struct
@@ -42,7 +45,8 @@ LOST_WRITE = "lost-write"  # counter only: a write forwarded to the server, then
 ALL_KINDS = (DROP, RESET, RATE_LIMITED, UNAVAILABLE, SLOW, TRUNCATED, CUT, HTML_502)
 # Kinds that need the real response (they damage it); for a write they always mean the server applied it.
 _AFTER_FORWARD = frozenset({RESET, TRUNCATED, CUT})
-_READ_METHODS = frozenset({"GET", "HEAD"})
+BATCH_READ = "POST (a batch of searches)"  # the fault stream and request count of a POST that only reads
+_READ_METHODS = frozenset({"GET", "HEAD", BATCH_READ})
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "host", "accept-encoding", "date", "server",
@@ -205,6 +209,21 @@ class FaultProxy(Serving):
         return _swap(data, self._proxy_origin, self._upstream_origin)
 
 
+def _stream(method: str, body: bytes) -> str:
+    """The fault stream of a request: its method, or BATCH_READ for a POST of a batch of GETs."""
+    if method != "POST" or b'"batch"' not in body:
+        return method
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        return method
+    entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("type") == "batch" else None
+    reads = isinstance(entries, list) and bool(entries) and all(
+        isinstance(e, dict) and isinstance(e.get("request"), dict) and e["request"].get("method") == "GET"
+        for e in entries)
+    return BATCH_READ if reads else method
+
+
 def _swap(data: bytes, old: bytes, new: bytes) -> bytes:
     # JSON may escape the solidus ("http:\/\/host"); rewrite both spellings.
     escaped_old, escaped_new = old.replace(b"/", b"\\/"), new.replace(b"/", b"\\/")
@@ -236,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         proxy._wait_if_held(self.command, body)
-        fault = proxy._decide(self.command)
+        fault = proxy._decide(_stream(self.command, body))
         if fault is not None and fault.kind == SLOW:
             time.sleep(proxy._delay())
             fault = None

@@ -14,6 +14,7 @@ import responses
 
 from adapter import context_source
 from adapter.cli import main
+from adapter.state import State
 from builders import anc, patient
 
 BASE = "https://fhir.example.org/r4"
@@ -47,7 +48,9 @@ class Server:
         self.posted: list[dict] = []
         self.batches: list[list[str]] = []  # the GET urls of each batch of searches posted
         self.refuse_batches = False  # a batch of searches answers 400
+        self.batch_answers = "in order"  # or "down" (503 every time), "one short", "reversed"
         self.next_pages: dict[str, list[dict]] = {}  # a context search of this type has a second page of these
+        self.next_page_fails = False  # … which answers 400
         mock.get(f"{BASE}/metadata", json=statement)
         mock.get(re.compile(rf"{re.escape(BASE)}/Flag\b.*"), json=EMPTY)
         mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/Medication/[^/?]+"),
@@ -82,6 +85,8 @@ class Server:
             self.down[kind] -= 1
             return 503, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]})
         if "page" in query:  # a second page of this type's search
+            if self.next_page_fails:
+                return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "invalid"}]})
             return 200, {}, json.dumps(bundle(*self.next_pages.pop(kind, [])))
         subjects = set(query.get("subject", [""])[0].split(","))
         since = query.get("_lastUpdated", ["ge"])[0][2:]  # like a server: only what changed since then
@@ -112,11 +117,17 @@ class Server:
         self.batches.append(urls)
         if self.refuse_batches:
             return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "not-supported"}]})
+        if self.batch_answers == "down":
+            return 503, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]})
         entries = []
         for url in urls:
             status, _, body = self._search(SimpleNamespace(url=f"{BASE}/{url}"))
             entries.append({"resource": json.loads(body), "response": {"status": f"{status} OK"}} if status == 200
                            else {"response": {"status": str(status), "outcome": json.loads(body)}})
+        if self.batch_answers == "one short":
+            entries = entries[:-1]
+        elif self.batch_answers == "reversed":
+            entries = entries[::-1]
         return 200, {}, json.dumps({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
 
     def batched(self, kind: str) -> list[dict[str, list[str]]]:
@@ -341,3 +352,36 @@ def test_a_batch_answer_with_a_next_page_is_paged_as_a_search(batching, tmp_path
     pages = [c.request.url for c in batching.mock.calls if "page=2" in c.request.url]
     assert pages == [f"{BASE}/Observation?page=2"]
     assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+
+
+@pytest.mark.parametrize("answers", ["down", "one short", "reversed"])
+def test_a_batch_that_fails_or_cannot_be_placed_gets_the_searches_one_by_one_for_the_rest_of_the_run(
+        batching, tmp_path, answers):
+    """Down after its retries (each group would wait them out again), an answer missing, or answers that are
+    not their searches' (out of order, which FHIR forbids): the searches are sent alone, as without batches,
+    and the fever still reaches the Flag."""
+    n = context_source.BATCH + 10
+    batching.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
+    batching.context["Observation"] = [FEVER]
+    batching.context["Procedure"] = [{"resourceType": "Procedure", "id": "pr1", "status": "completed",
+                                      "subject": {"reference": "Patient/p001"}, "performedDateTime": "2026-11-18T09:00:00Z",
+                                      "code": {"coding": [{"system": "http://snomed.info/sct", "code": "367336001"}]}}]
+    batching.batch_answers = answers
+    config = tmp_path / "adapter.toml"
+    config.write_text("[fhir]\nretries = 1\nretry_budget_s = 1\n")
+    assert run(tmp_path, "--config", str(config)) == 0
+    assert len({tuple(urls) for urls in batching.batches}) == 1  # the first group's batch only (and its retries)
+    for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
+        assert len(batching.requests(kind)) == 2, kind  # both groups' searches, one by one
+    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
+
+
+def test_a_batch_answer_whose_next_page_fails_leaves_the_read_to_be_done_again(batching, tmp_path):
+    batching.counts = [anc("o1", "p000", 0.3), patient("p000")]
+    batching.context["Observation"] = [{**FEVER, "id": "t0", "valueQuantity": {**FEVER["valueQuantity"], "value": 37.0},
+                                        "effectiveDateTime": "2026-11-20T05:00:00Z"}]
+    batching.next_pages["Observation"] = [FEVER]
+    batching.next_page_fails = True
+    assert run(tmp_path) == 0
+    assert not batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile")
+    assert State.open(tmp_path / "s.sqlite3").context_pending()  # the read around the count is done again

@@ -13,7 +13,7 @@ from adapter.cli import main
 from adapter.fhir.client import FhirClient, RetryPolicy
 from adapter.localserver import sekmet
 from builders import anc, patient, transaction
-from faultproxy import ALL_KINDS, LOST_WRITE, RESET, SLOW, TRUNCATED, fault_proxy
+from faultproxy import ALL_KINDS, BATCH_READ, LOST_WRITE, RESET, SLOW, TRUNCATED, fault_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +176,17 @@ def test_a_read_that_fails_once_is_retried(shared_base_url, kind):
         statement = one_fault_client(proxy.base_url).get("metadata")
     assert statement["resourceType"] == "CapabilityStatement"
     assert proxy.counts[kind] == 1 and proxy.requests["GET"] == (1 if kind == SLOW else 2)
+
+
+def test_a_batch_of_searches_is_a_read_to_the_fault_plan(shared_base_url):
+    # The context searches go in a batch, a POST: it must neither count as a lost write nor use up the fates of
+    # the writes after it.
+    with fault_proxy(shared_base_url, rate=1.0, kinds=(RESET,), max_faults=1, write_applied_share=1.0) as proxy:
+        answer = one_fault_client(proxy.base_url).batch({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient?_count=1"}}]})
+    assert answer["type"] == "batch-response"
+    assert proxy.counts[RESET] == 1 and proxy.counts[LOST_WRITE] == 0
+    assert proxy.requests[BATCH_READ] == 2 and proxy.requests["POST"] == 0
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
