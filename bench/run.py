@@ -90,12 +90,15 @@ def copy_database(source: Path, target: Path) -> None:
 
 
 def run_child(command: list[str]) -> dict:
-    """Run a child and read its own CPU time and peak RSS with wait4 (not those of this process)."""
+    """Run a child and read its own CPU time and peak RSS (not those of this process), through
+    bench/measured.py: see there why not with wait4 from here."""
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    figures = tempfile.NamedTemporaryFile(suffix=".json", delete=False)
+    figures.close()
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "measured.py"), figures.name, *command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out_chunks, err_chunks = [], []
-    # Read both pipes fully, then reap with wait4 to get the child's rusage.
-    import threading
+    import threading  # both pipes read fully while the child runs
 
     def drain(stream, sink):
         sink.append(stream.read())
@@ -104,11 +107,12 @@ def run_child(command: list[str]) -> dict:
                threading.Thread(target=drain, args=(process.stderr, err_chunks))]
     for t in threads:
         t.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    exit_code = process.wait()
     for t in threads:
         t.join()
-    return {"wall_s": time.monotonic() - started, "exit": os.waitstatus_to_exitcode(status),
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+    measured = json.loads(Path(figures.name).read_text())
+    Path(figures.name).unlink()
+    return {"wall_s": time.monotonic() - started, "exit": exit_code, **measured,
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)}
 
 
