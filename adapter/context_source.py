@@ -131,8 +131,8 @@ def _read_batched(client: FhirClient, searches: list[tuple[str, dict[str, Any]]]
     Sekmet: 200 patients' four searches, 10 ms of client CPU apart, 3 ms in a batch; server 12.5 -> 10 ms).
     The searches and what is read of them do not change: an answer's further pages are followed with GET
     as before. Returns the searches to send on their own: an entry that did not answer with a page (that
-    search then gets the usual retries and error handling), or all of them when the server refuses the
-    batch or answers it with something else (`found.batch_refused`: not asked again this run)."""
+    search then gets the usual retries and error handling), or all of them when the batch failed or its
+    answers cannot be placed (`found.batch_refused`: no batch again this run)."""
     # "/", "," and ":" are left as they are (all three are allowed in a query, RFC 3986 §3.4, and mean the same
     # to the server): a subject list then needs no escaping at all, which the standard library does a byte at
     # a time, 0.2 ms for a search of 200 patients; "|" and the rest are escaped as usual.
