@@ -47,8 +47,7 @@ class Server:
         self.down: dict[str, int] = {}  # context searches of this type answer 503 this many more times
         self.posted: list[dict] = []
         self.batches: list[list[str]] = []  # the GET urls of each batch of searches posted
-        self.refuse_batches = False  # a batch of searches answers 400
-        self.batch_answers = "in order"  # or "down" (503 every time), "one short", "reversed"
+        self.batch_answers = "in order"  # or "refused" (400), "down" (503 every time), "one short", "reversed"
         self.next_pages: dict[str, list[dict]] = {}  # a context search of this type has a second page of these
         self.next_page_fails = False  # … which answers 400
         mock.get(f"{BASE}/metadata", json=statement)
@@ -115,7 +114,7 @@ class Server:
         """A batch of searches: each entry answered as the same GET would be."""
         urls = [e["request"]["url"] for e in sent["entry"]]
         self.batches.append(urls)
-        if self.refuse_batches:
+        if self.batch_answers == "refused":
             return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "not-supported"}]})
         if self.batch_answers == "down":
             return 503, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "transient"}]})
@@ -290,6 +289,9 @@ FEVER = {"resourceType": "Observation", "id": "t1", "status": "final", "meta": {
          "subject": {"reference": "Patient/p000"}, "effectiveDateTime": "2026-11-20T06:00:00Z",
          "valueQuantity": {"value": 38.6, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}}
 
+NORMAL_TEMPERATURE = {**FEVER, "id": "t0", "valueQuantity": {**FEVER["valueQuantity"], "value": 37.0},
+                      "effectiveDateTime": "2026-11-20T05:00:00Z"}
+
 
 @pytest.fixture
 def batching():
@@ -330,22 +332,9 @@ def test_a_search_whose_batch_entry_failed_is_sent_on_its_own(batching, tmp_path
     assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
 
 
-def test_a_server_that_refuses_a_batch_of_searches_gets_them_one_by_one_for_the_rest_of_the_run(batching, tmp_path):
-    n = context_source.BATCH + 10
-    batching.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
-    batching.context["Observation"] = [FEVER]
-    batching.refuse_batches = True
-    assert run(tmp_path) == 0
-    assert len(batching.batches) == 1  # refused once: not asked again
-    for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
-        assert len(batching.requests(kind)) == 2, kind  # both groups' searches, one by one
-    assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
-
-
 def test_a_batch_answer_with_a_next_page_is_paged_as_a_search(batching, tmp_path):
     batching.counts = [anc("o1", "p000", 0.3), patient("p000")]
-    batching.context["Observation"] = [{**FEVER, "id": "t0", "valueQuantity": {**FEVER["valueQuantity"], "value": 37.0},
-                                        "effectiveDateTime": "2026-11-20T05:00:00Z"}]
+    batching.context["Observation"] = [NORMAL_TEMPERATURE]
     batching.next_pages["Observation"] = [FEVER]  # the fever is on the second page only
     assert run(tmp_path) == 0
     assert len(batching.batches) == 1
@@ -354,12 +343,12 @@ def test_a_batch_answer_with_a_next_page_is_paged_as_a_search(batching, tmp_path
     assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
 
 
-@pytest.mark.parametrize("answers", ["down", "one short", "reversed"])
+@pytest.mark.parametrize("answers", ["refused", "down", "one short", "reversed"])
 def test_a_batch_that_fails_or_cannot_be_placed_gets_the_searches_one_by_one_for_the_rest_of_the_run(
         batching, tmp_path, answers):
-    """Down after its retries (each group would wait them out again), an answer missing, or answers that are
-    not their searches' (out of order, which FHIR forbids): the searches are sent alone, as without batches,
-    and the fever still reaches the Flag."""
+    """Refused, down after its retries (each group would wait them out again), an answer missing, or answers
+    that are not their searches' (out of order, which FHIR forbids): the searches are sent alone, as without
+    batches, and the fever still reaches the Flag."""
     n = context_source.BATCH + 10
     batching.counts = [anc(f"o{i}", f"p{i:03d}", 0.3) for i in range(n)] + [patient(f"p{i:03d}") for i in range(n)]
     batching.context["Observation"] = [FEVER]
@@ -371,6 +360,7 @@ def test_a_batch_that_fails_or_cannot_be_placed_gets_the_searches_one_by_one_for
     config.write_text("[fhir]\nretries = 1\nretry_budget_s = 1\n")
     assert run(tmp_path, "--config", str(config)) == 0
     assert len({tuple(urls) for urls in batching.batches}) == 1  # the first group's batch only (and its retries)
+    assert len(batching.batches) == (2 if answers == "down" else 1)  # retried once ([fhir] retries = 1)
     for kind in ("Observation", "MedicationAdministration", "MedicationRequest", "Procedure"):
         assert len(batching.requests(kind)) == 2, kind  # both groups' searches, one by one
     assert batching.flags()["Patient/p000"]["code"]["text"].startswith("Febrile neutropenia: temperature 38.6 °C")
@@ -378,8 +368,7 @@ def test_a_batch_that_fails_or_cannot_be_placed_gets_the_searches_one_by_one_for
 
 def test_a_batch_answer_whose_next_page_fails_leaves_the_read_to_be_done_again(batching, tmp_path):
     batching.counts = [anc("o1", "p000", 0.3), patient("p000")]
-    batching.context["Observation"] = [{**FEVER, "id": "t0", "valueQuantity": {**FEVER["valueQuantity"], "value": 37.0},
-                                        "effectiveDateTime": "2026-11-20T05:00:00Z"}]
+    batching.context["Observation"] = [NORMAL_TEMPERATURE]
     batching.next_pages["Observation"] = [FEVER]
     batching.next_page_fails = True
     assert run(tmp_path) == 0
