@@ -86,26 +86,17 @@ def _common_reading(resource: Mapping[str, Any], mappings: Mappings, statuses: t
         return None
     patient_id = _patient_in(reference)
     when = parse_datetime(effective)
-    value = quantity.get("value")
-    comparator = quantity.get("comparator", "")
-    if (patient_id is None or when is None or type(value) not in (float, int)
-            or comparator not in units.EXACT_OR_COMPARATOR):
+    if patient_id is None or when is None:
         return None
-    factor = units.unit_factor(quantity, mappings.unit_aliases)
-    if type(factor) is not float:
-        return None
-    try:
-        anc_per_ul = float(value) * factor
-    except OverflowError:  # an integer of hundreds of digits: the general path says so
-        return None
-    # Also false for NaN; infinity is above any maximum.
-    if not 0 <= anc_per_ul <= mappings.thresholds.max_anc_per_ul:
+    # The value, its comparator and unit by the general path's own rules: a count it would quarantine goes
+    # back to it, which states the reason.
+    count = units.normalise(quantity, mappings.unit_aliases, mappings.thresholds.max_anc_per_ul)
+    if type(count) is not Count:
         return None
     last_updated = meta.get("lastUpdated")
     seen = Seen(observation_id, str(meta.get("versionId") or last_updated or "0"), status,
                 str(last_updated or ""), patient_id)
-    return Extracted(seen, Reading(observation_id, seen.version, status, patient_id, when,
-                                   Count(round(anc_per_ul, 6), comparator)))
+    return Extracted(seen, Reading(observation_id, seen.version, status, patient_id, when, count))
 
 
 def _observation(

@@ -15,7 +15,7 @@ from adapter.model import Count, Quarantine, Reason
 
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 COMPARATORS = ("<", "<=", ">=", ">")
-EXACT_OR_COMPARATOR = ("", *COMPARATORS)
+_EXACT_OR_COMPARATOR = ("", *COMPARATORS)
 
 # UCUM metric prefixes that make sense in front of a volume (UCUM §2.1, table 1).
 _PREFIX = {
@@ -97,7 +97,7 @@ def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float
     if not math.isfinite(value):
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, "value is not a finite number")
     comparator = quantity.get("comparator", "")
-    if comparator not in EXACT_OR_COMPARATOR:
+    if comparator not in _EXACT_OR_COMPARATOR:
         return Quarantine(Reason.UNGRADABLE_COMPARATOR, f"comparator {comparator!r}")
     factor = unit_factor(quantity, aliases)
     if isinstance(factor, Quarantine):
