@@ -20,7 +20,7 @@ import os
 import re
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -530,15 +530,8 @@ class State:
         rows = [_classified_row(*row) for row in graded]
         if self._graded_pending is not None:
             self._graded_pending.append((tuple(graded), rows))  # a copy: the caller may reuse its list
+        self._upsert_rows(_record_classified_sql, rows, 1, _ROWS_PER_INSERT)
         ids = [row[0] for row in rows]
-        if len(set(ids)) < len(ids):
-            # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
-            for row in rows:
-                self.db.execute(_record_classified_sql(1), row)
-        else:
-            for chunk in _chunks(rows, _ROWS_PER_INSERT):
-                # Flattened in C: a comprehension over every value cost half a µs per count.
-                self.db.execute(_record_classified_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
         for chunk in _chunks(ids):
             self.db.execute(f"DELETE FROM quarantine WHERE observation_id IN ({_marks(chunk)})", chunk)
 
@@ -794,13 +787,20 @@ class State:
             self._written_memo.clear()  # a row may also leave another patient's list (a re-filed id)
         rows = [(item.resource_type, item.identifier, item.patient_id, item.status, item.content_hash,
                  item.server_id, _to_json(item.evidence), now) for item in items]
-        if len({row[:2] for row in rows}) < len(rows):
-            # One statement may not upsert a row twice (PostgreSQL refuses it): in order, one each.
+        self._upsert_rows(_record_written_sql, rows, 2, _WRITTEN_ROWS_PER_INSERT)
+
+    def _upsert_rows(self, sql: Callable[[int], str], rows: list[tuple[Any, ...]], key_columns: int,
+                     per_statement: int) -> None:
+        """Upsert `rows` (their key: the first `key_columns` values), in order, in statements of up to
+        `per_statement` rows; one statement a row when a key repeats, since one statement may not upsert a
+        row twice (PostgreSQL refuses it)."""
+        if len({row[:key_columns] for row in rows}) < len(rows):
             for row in rows:
-                self.db.execute(_record_written_sql(1), row)
+                self.db.execute(sql(1), row)
             return
-        for chunk in _chunks(rows, _WRITTEN_ROWS_PER_INSERT):
-            self.db.execute(_record_written_sql(len(chunk)), [value for row in chunk for value in row])
+        for chunk in _chunks(rows, per_statement):
+            # Flattened in C: a comprehension over every value cost half a µs per count.
+            self.db.execute(sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
     def written_counts(self) -> dict[str, int]:
         rows = self.db.execute(
