@@ -378,8 +378,8 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
     grade, fever, priority = result.grade, assessed.fever, assessed.priority
     start, end = _instant(episode.start), episode.end
     period = {"start": start} if end is None else {"start": start, "end": (end := _instant(end))}
-    coding = [NEUTROPENIA, output.grade_codings[grade]] if fever is None \
-        else [NEUTROPENIA, output.grade_codings[grade], FEBRILE_NEUTROPENIA]
+    coding = [NEUTROPENIA, _grade_coding(grade, output)] if fever is None \
+        else [NEUTROPENIA, _grade_coding(grade, output), FEBRILE_NEUTROPENIA]
     # The first flag-detail is the Observation behind the current grade (readers and adoption rely on
     # it); then the context the text names.
     details = [f"Observation/{reading.evidence[0]}"] + _context_references(latest, fever)
@@ -387,8 +387,7 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
     subject = f"Patient/{patient_id}"
     body = {
         "resourceType": "Flag",
-        "meta": output.meta,
-        "identifier": [{"system": output.identifier_systems["Flag"], "value": identifier}],
+        **_common(output, "Flag", identifier),
         "extension": [{"url": FLAG_DETAIL, "valueReference": {"reference": d}} for d in details]
         + [_PRIORITY_EXTENSIONS[priority]],
         "category": _FLAG_CATEGORIES,
@@ -586,7 +585,9 @@ def _validated(resource_type: str, resource: dict[str, Any], built: tuple[Any, .
 
 
 def _is_text(value: str) -> bool:
-    """In the text class of _shape (a plain str is the caller's to check)."""
+    """In the text class of _shape (a plain str is the caller's to check). The one definition of the class
+    for both the walk and the builders' keys (_flag, _risk_assessment): that they agree is what makes a
+    built key stand for a walked shape."""
     return bool(value) and value.isprintable()
 
 
@@ -670,11 +671,11 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
             if varying is None:
                 emit(item)
             elif varying is _TEXT:
-                if not (item and item.isprintable()):
+                if not _is_text(item):
                     raise _Unshaped
                 emit(_TEXT)
             elif varying is _DATETIME:
-                if not (_INSTANT.fullmatch(item) and _parses(item)):
+                if not _is_instant(item):
                     raise _Unshaped
                 emit(_DATETIME)
             else:
