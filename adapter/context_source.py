@@ -64,15 +64,6 @@ def searchable(statement: Any) -> dict[str, frozenset[str]]:
     return declared
 
 
-def batchable(statement: Any) -> bool:
-    """Does the server declare batches (a system interaction)? Then a group's searches go in one."""
-    rests = statement.get("rest") if isinstance(statement, dict) else None
-    return any(isinstance(rest, dict) and rest.get("mode", "server") == "server"
-               and isinstance(rest.get("interaction"), list)
-               and any(isinstance(i, dict) and i.get("code") == "batch" for i in rest["interaction"])
-               for rest in (rests if isinstance(rests, list) else []))
-
-
 def read(client: FhirClient, patients: Mapping[str, datetime | None], mappings: ContextMappings,
          switches: ContextConfig, declared: Mapping[str, frozenset[str]],
          updated_since: datetime | None = None, batched: bool = False) -> Found:

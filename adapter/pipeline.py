@@ -27,6 +27,7 @@ from adapter.clinical.episodes import Graded
 from adapter.config import Config
 from adapter.errors import FhirError, PermanentHttpError, SearchTruncated, Stopped
 from adapter.extract import WITHDRAWN_STATUSES
+from adapter.fhir import capability
 from adapter.fhir.client import FhirClient, in_background
 from adapter.mappings import Mappings
 from adapter.model import Classification, DeriveInput, Quarantine, Reading
@@ -961,7 +962,7 @@ class Run:
             try:
                 statement = self.client.get("metadata")
                 self._declared = context_source.searchable(statement)
-                self._batch_reads = context_source.batchable(statement)
+                self._batch_reads = capability.declares_batch(statement)
             except PermanentHttpError as exc:
                 log.warning("no CapabilityStatement: clinical context is not read",
                             extra={"event": "context-not-searchable", "error": str(exc)})

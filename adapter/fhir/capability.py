@@ -145,6 +145,11 @@ def bundle_type(statement: dict[str, Any]) -> str:
     return "batch" if "batch" in system and "transaction" not in system else "transaction"
 
 
+def declares_batch(statement: dict[str, Any]) -> bool:
+    """Does the server take batches? Then a group's context searches go in one (context_source)."""
+    return "batch" in _codes(_server_rest(statement).get("interaction"))
+
+
 def interactions(statement: dict[str, Any], config: Config) -> list[tuple[str, str]]:
     """What the CapabilityStatement says about each thing run does: (OK | WARN | FAIL, text)."""
     rest = _server_rest(statement)
