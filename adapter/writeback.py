@@ -25,6 +25,7 @@ from adapter.clinical.assess import (
 from adapter.clinical.context import Fever, days_before, shown_celsius
 from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
+from adapter.extract import is_fhir_id
 from adapter.model import Grade
 from adapter.state import Written
 
@@ -605,9 +606,9 @@ _STRING_LEAVES = frozenset({("identifier", "value"), ("subject", "reference"), (
 # required) and a real date and time, which every string of the dateTime class is.
 _DATETIME_LEAVES = frozenset({("period", "start"), ("period", "end"), ("whenPeriod", "start"),
                               ("whenPeriod", "end"), ("", "occurrenceDateTime"), ("", "recorded")})
-_ID_LEAVES = frozenset({("", "id")})  # a Provenance's id (stable_id)
-# A FHIR `id`: 1 to 64 of these ASCII characters (the R4B models allow up to 255 of them).
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# A Provenance's id (stable_id): the id class holds what extract.is_fhir_id accepts, 1 to 64 of FHIR's id
+# characters (the R4B models allow up to 255 of them).
+_ID_LEAVES = frozenset({("", "id")})
 # An instant to the second (at most microseconds) with a zone: what _instant writes.
 _INSTANT = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
                       r"(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
@@ -679,7 +680,7 @@ def _walk_dict(parent: str, value: Any, emit: Any) -> None:
                     raise _Unshaped
                 emit(_DATETIME)
             else:
-                if not _FHIR_ID.fullmatch(item):
+                if not is_fhir_id(item):
                     raise _Unshaped
                 emit(_ID)
         elif kind is dict:

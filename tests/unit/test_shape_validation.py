@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from adapter import mappings, writeback
+from adapter.extract import is_fhir_id
 from adapter.clinical import classify
 from adapter.clinical.assess import Rules, assess
 from adapter.clinical.context import Chemotherapy, Context, Temperature
@@ -181,7 +182,7 @@ def nested_shape(parent, value, key=""):
                 return "<dateTime>"
             raise writeback._Unshaped
         if (parent, key) in writeback._ID_LEAVES:
-            if writeback._FHIR_ID.fullmatch(value):
+            if is_fhir_id(value):
                 return "<id>"
             raise writeback._Unshaped
     return type(value).__name__, value
