@@ -11,6 +11,7 @@ signal) leaves a resume point, so a backlog drains over several runs (see Run._f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -1011,8 +1012,12 @@ class Run:
         band = classify.patient_age_band(patient, reading.effective.date(), self.config.classify.pediatric,
                                          self.mappings.thresholds)
         lln = reading.lln_per_ul if reading.lln_per_ul is not None else self.config.classify.default_lln
-        return classify.classify(reading.count, band, self.config.classify.profile,
-                                 self.mappings.thresholds, lln)
+        return self._grader(reading.count, band, lln)
+
+    @functools.cached_property
+    def _grader(self) -> classify.Grader:
+        # classify.classify for this run's profile and thresholds, which stay for its whole life.
+        return classify.Grader(self.config.classify.profile, self.mappings.thresholds)
 
     def _note_pass(self, read: list[extract.Seen]) -> None:
         # An id read twice in one run's search means the result set changed under offset paging:

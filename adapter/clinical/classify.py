@@ -18,11 +18,24 @@ def age_band(birth_date: date | None, effective: date, pediatric: bool = True) -
         return AgeBand.UNKNOWN
     if not pediatric:
         return AgeBand.ADULT
-    if effective >= _first_birthday(birth_date):
+    infant_from, adult_from = _band_starts(birth_date)
+    if effective >= adult_from:
         return AgeBand.ADULT
-    if effective >= birth_date + timedelta(days=NEONATE_DAYS):
+    if effective >= infant_from:
         return AgeBand.INFANT
     return AgeBand.NEONATE
+
+
+@functools.lru_cache(maxsize=4096)
+def _band_starts(birth_date: date) -> tuple[date, date]:
+    # The days the infant and adult bands begin, once per birth date: a patient's counts come together
+    # (a page holds several of each), and each was dated against both birthdays anew.
+    # The first birthday first: a birth date it cannot follow (year 9999) raises as it did before.
+    adult_from = _first_birthday(birth_date)
+    return birth_date + _NEONATE_SPAN, adult_from
+
+
+_NEONATE_SPAN = timedelta(days=NEONATE_DAYS)
 
 
 def patient_age_band(patient: Patient | None, effective: date, pediatric: bool = True,
@@ -82,6 +95,38 @@ def classify(
         return graded
     grade, at_least = graded
     return _classification(grade, at_least, band, notes)
+
+
+class Grader:
+    """classify() for the one profile and threshold table a run grades every count with. An exact count
+    under a non-CTCAE profile (nearly every count) is graded against its band's bounds, each paired once
+    with the result it gives, instead of looking up the table, its grades, notes and result per count;
+    every other count goes to classify() itself (tests/unit/test_classify.py compares the two)."""
+
+    def __init__(self, profile: str, thresholds: Thresholds):
+        self.profile = profile
+        self.thresholds = thresholds
+        self._exact: dict[AgeBand, tuple[tuple[tuple[float, Classification], ...], Classification]] = {}
+        if profile != "ctcae-v5":
+            for band in AgeBand:
+                chosen = _table(band, thresholds)
+                notes = ((chosen.note,) if chosen.note else ()) + (
+                    (AGE_UNKNOWN_NOTE,) if band is AgeBand.UNKNOWN else ())  # as classify() gives them
+                self._exact[band] = (
+                    tuple((bound, _classification(grade, False, band, notes))
+                          for grade, bound in _grades(chosen.bounds)),
+                    _classification(Grade.NORMAL, False, band, notes))
+
+    def __call__(self, count: Count, band: AgeBand, lln_per_ul: float) -> Classification | Quarantine:
+        exact = self._exact.get(band) if not count.comparator else None
+        if exact is None:
+            return classify(count, band, self.profile, self.thresholds, lln_per_ul)
+        value = count.anc_per_ul
+        bounds, normal = exact
+        for bound, result in bounds:  # as _grade_at: the first bound the value lies below
+            if value < bound:
+                return result
+        return normal
 
 
 @functools.lru_cache(maxsize=256)

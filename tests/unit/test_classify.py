@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapter import mappings
-from adapter.clinical.classify import AGE_UNKNOWN_NOTE, age_band, classify, patient_age_band
+from adapter.clinical.classify import AGE_UNKNOWN_NOTE, Grader, age_band, classify, patient_age_band
 from adapter.model import AgeBand, Classification, Count, Grade, Patient, Quarantine, Reason
 from adapter.clinical.units import normalise
 
@@ -532,3 +532,39 @@ def test_a_partial_birth_date_straddling_bands_with_identical_tables_uses_the_yo
     # Straddling infant and adult thresholds is different: age unknown, adult thresholds.
     born_2025 = Patient("p", date(2025, 1, 1), date(2025, 12, 31))
     assert patient_age_band(born_2025, date(2026, 6, 1), True, thresholds) is AgeBand.UNKNOWN
+
+
+# --- the Grader a run grades with is classify() --------------------------------------------------------
+
+# Tables with and without notes, bounds that coincide: what the Grader pairs up once must still be what
+# classify() says for every count, band and profile (it hands the odd ones to classify() itself).
+NOTED = mappings.Thresholds(
+    adult=mappings.Band((("severe", 500.0), ("moderate", 1000.0), ("mild", 1500.0)), note="adult note"),
+    infant=mappings.Band((("severe", 500.0), ("moderate", 500.0))),
+    neonate=mappings.Band((("moderate", 1000.0),), note="neonate note"),
+    ctcae=THRESHOLDS.ctcae, max_anc_per_ul=THRESHOLDS.max_anc_per_ul)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(value=st.one_of(values, st.sampled_from([float("inf"), -0.0, 1e-300])),
+       comparator=st.sampled_from(["", "<", "<=", ">", ">="]), band=bands,
+       profile=st.sampled_from([CLINICAL, CTCAE, "other"]), lln=llns,
+       thresholds=st.sampled_from([THRESHOLDS, NOTED]))
+def test_property_the_grader_grades_as_classify_does(value, comparator, band, profile, lln, thresholds):
+    count = Count(value, comparator)
+    assert Grader(profile, thresholds)(count, band, lln) == classify(count, band, profile, thresholds, lln)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(birth=st.dates(min_value=date(1, 1, 1), max_value=date(9998, 12, 31)),
+       days=st.integers(min_value=-400, max_value=800), pediatric=st.booleans())
+def test_property_age_band_follows_both_birthdays(birth, days, pediatric):
+    # The band's start days are kept per birth date; the band is still the one the two birthdays give.
+    effective = date.fromordinal(max(1, min(date.max.toordinal() - 1, birth.toordinal() + days)))
+    try:
+        first_birthday = birth.replace(year=birth.year + 1)
+    except ValueError:
+        first_birthday = date(birth.year + 1, 3, 1)
+    expected = (A if not pediatric or effective >= first_birthday
+                else I if effective >= birth + timedelta(days=14) else N)
+    assert age_band(birth, effective, pediatric) is expected
