@@ -565,15 +565,17 @@ class Run:
 
     def _record_all(self, observations: Iterable[dict[str, Any]], retry: bool) -> None:
         observations = list(observations)
-        # The ledger rows in one statement, not one each (each is used once: an Observation twice in a
-        # batch is looked up again, after its first version was recorded).
-        ids = list(dict.fromkeys(r.get("id") for r in observations if isinstance(r.get("id"), str)))
-        found = self.state.ledgers(ids)
-        self._priors = {i: found.get(i) for i in ids}
         self._classified = []  # anything left by a batch that failed went with its rollback
         extracted = [self._extracted(resource) for resource in observations]
+        read = [one.seen for one in extracted if one is not None]
+        # The ledger rows in one statement, not one each (each is used once: an Observation twice in a
+        # batch is looked up again, after its first version was recorded). Only what was extracted is
+        # looked up: _record counts anything else as malformed before it asks.
+        ids = list(dict.fromkeys([seen.observation_id for seen in read]))
+        self._priors = dict.fromkeys(ids)
+        self._priors.update(self.state.ledgers(ids))
         if not retry:
-            self._note_pass([one.seen for one in extracted if one is not None])
+            self._note_pass(read)
         for resource, one in zip(observations, extracted):
             self._touched |= self._record(resource, one, retry, self._now, self._groups)
         self._write_classified()
@@ -814,25 +816,26 @@ class Run:
         outcome = extracted.outcome
         if self.input_kinds is not None:
             self._note_groups(seen.observation_id, prior, outcome, groups)
-        if isinstance(outcome, DeriveInput):
+        if type(outcome) is Reading:  # nearly every one: asked first
+            graded = self._classify(outcome)
+            if type(graded) is Classification:
+                self._classified.append((outcome, graded, now, seen.last_updated))
+                self._graded(outcome.patient_id, graded, outcome.effective)
+                if self.collect_rows:
+                    self._row(outcome, graded)
+                touched.add(outcome.patient_id)
+                return touched
+            outcome = graded
+        elif isinstance(outcome, DeriveInput):
             self.state.record_input(outcome, seen.status, now)
             return touched
-        if outcome is None:
+        elif outcome is None:
             withdrawn = seen.status in WITHDRAWN_STATUSES
             self.summary.withdrawn += withdrawn
             self.summary.ignored += not withdrawn
             self.state.record_outcome(seen.observation_id, seen.version, seen.status, seen.patient_id,
                                       "withdrawn" if withdrawn else "ignored", now, seen.last_updated)
             return touched
-        if isinstance(outcome, Reading):
-            graded = self._classify(outcome)
-            if isinstance(graded, Classification):
-                self._classified.append((outcome, graded, now, seen.last_updated))
-                self._graded(outcome.patient_id, graded, outcome.effective)
-                self._row(outcome, graded)
-                touched.add(outcome.patient_id)
-                return touched
-            outcome = graded
         self.summary.quarantined += 1
         # A new version we cannot grade leaves the last graded one in effect for the same patient: a unit
         # spelling must not retract a live alert. Moved to another patient, it can no longer stand.

@@ -963,7 +963,10 @@ _CLASSIFIED_COLUMNS = (
     "lln_per_ul", "grade", "at_least", "age_band", "notes", "sources", "processed_at", "last_updated")
 
 
+@functools.lru_cache(maxsize=None)
 def _record_classified_sql(rows: int) -> str:
+    # At most _ROWS_PER_INSERT texts, each a few kB: built once, and the same string object each time, whose
+    # hash the statement cache then finds already computed.
     return _upsert_sql("observations", ("observation_id",), _CLASSIFIED_COLUMNS, rows)
 
 

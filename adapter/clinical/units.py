@@ -105,4 +105,8 @@ def normalise(quantity: Any, aliases: Mapping[str, float], max_anc_per_ul: float
     anc_per_ul = value * factor
     if anc_per_ul < 0 or anc_per_ul > max_anc_per_ul:
         return Quarantine(Reason.IMPLAUSIBLE_VALUE, f"outside 0-{max_anc_per_ul:g} cells/uL")
-    return Count(round(anc_per_ul, 6), comparator)  # by position: keywords cost twice as much
+    # round() to 6 places goes through a decimal conversion (about a µs); a whole number of cells, as two
+    # counts in three come out after the factor, is its own rounding, so it is kept as it is.
+    if not anc_per_ul.is_integer():
+        anc_per_ul = round(anc_per_ul, 6)
+    return Count(anc_per_ul, comparator)  # by position: keywords cost twice as much
