@@ -19,8 +19,8 @@ from adapter.model import Count, DeriveInput, InputKind, Patient, Quarantine, Re
 WITHDRAWN_STATUSES = ("entered-in-error", "cancelled")
 
 
-# Seen and Extracted are not frozen, unlike the domain types: one of each is built for every Observation
-# read, only to be read by the caller that asked for it (never hashed, stored or shared), and a frozen
+# Seen and Extracted are not frozen, unlike the domain types: one is built for every Observation read,
+# only to be read by the caller that asked for it (never hashed, stored or shared), and a frozen
 # dataclass sets each field through object.__setattr__, four times the cost of a plain one.
 @dataclass(slots=True)
 class Seen:
@@ -34,9 +34,15 @@ class Seen:
 
 
 @dataclass(slots=True)
-class Extracted:
-    seen: Seen
+class Extracted(Seen):
+    """An Observation version's identity (it is its own `seen`) and what it gives."""
+
     outcome: Reading | DeriveInput | Quarantine | None  # None: withdrawn, or not for us (status/code)
+
+    @property
+    def seen(self) -> Seen:
+        # One object per Observation read instead of two: the identity is not copied into a Seen of its own.
+        return self
 
 
 def observation(
@@ -94,9 +100,9 @@ def _common_reading(resource: Mapping[str, Any], mappings: Mappings, statuses: t
     if type(count) is not Count:
         return None
     last_updated = meta.get("lastUpdated")
-    seen = Seen(observation_id, str(meta.get("versionId") or last_updated or "0"), status,
-                str(last_updated or ""), patient_id)
-    return Extracted(seen, Reading(observation_id, seen.version, status, patient_id, when, count))
+    version = str(meta.get("versionId") or last_updated or "0")
+    return Extracted(observation_id, version, status, str(last_updated or ""), patient_id,
+                     Reading(observation_id, version, status, patient_id, when, count))
 
 
 def _observation(
@@ -115,21 +121,23 @@ def _observation(
     status = resource.get("status")
     if not isinstance(status, str):
         status = ""
-    seen = Seen(
+    extracted = Extracted(
         observation_id=resource["id"],
         version=str(meta.get("versionId") or meta.get("lastUpdated") or "0"),
         status=status,
         last_updated=str(meta.get("lastUpdated") or ""),
         patient_id=patient_reference_id(resource.get("subject")) or "",
+        outcome=None,
     )
     if status in WITHDRAWN_STATUSES or status not in statuses:
-        return Extracted(seen, None)
+        return extracted
     if has_code(resource, _code_set(mappings.anc_codes)):
-        return Extracted(seen, _reading(resource, seen, mappings))
+        extracted.outcome = _reading(resource, extracted, mappings)
+        return extracted
     kind = _input_kind(resource, input_kinds or {})
     if kind is not None:
-        return Extracted(seen, _derive_input(resource, seen, kind, mappings))
-    return Extracted(seen, None)
+        extracted.outcome = _derive_input(resource, extracted, kind, mappings)
+    return extracted
 
 
 def _usable(resource: Mapping[str, Any], seen: Seen) -> datetime | Quarantine:
