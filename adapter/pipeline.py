@@ -1015,7 +1015,7 @@ class Run:
         band = classify.patient_age_band(patient, reading.effective.date(), self.config.classify.pediatric,
                                          self.mappings.thresholds)
         lln = reading.lln_per_ul if reading.lln_per_ul is not None else self.config.classify.default_lln
-        return self._grader(reading.count, band, lln)
+        return self._grader.grade(reading.count, band, lln)
 
     @functools.cached_property
     def _grader(self) -> classify.Grader:

@@ -527,7 +527,8 @@ class State:
         """record_classified for a page of counts (reading, result, now, last_updated): a few multi-row
         statements instead of two per count. The caller keeps read-after-write exact: a row not written
         yet is not in ledger()."""
-        rows = [_classified_row(*row) for row in graded]
+        # Unpacked here, not called with *row: a call with * is not inlined by the interpreter (3.11).
+        rows = [_classified_row(reading, result, now, last_updated) for reading, result, now, last_updated in graded]
         if self._graded_pending is not None:
             self._graded_pending.append((tuple(graded), rows))  # a copy: the caller may reuse its list
         self._upsert_rows(_record_classified_sql, rows, 1, _ROWS_PER_INSERT)
@@ -977,8 +978,9 @@ def _classified_row(reading: Reading, result: Classification, now: str, last_upd
     return (
         reading.observation_id, reading.version, reading.status, reading.patient_id, "classified",
         _instant_text(reading.effective), count.anc_per_ul, count.comparator, reading.lln_per_ul,
-        result.grade._value_, int(result.at_least), result.age_band._value_, _to_json(result.notes),
-        _to_json(reading.sources), now, last_updated,
+        result.grade._value_, int(result.at_least), result.age_band._value_,
+        _to_json(result.notes) if result.notes else "[]", _to_json(reading.sources) if reading.sources else "[]",
+        now, last_updated,
     )
 
 

@@ -117,7 +117,7 @@ class Grader:
                           for grade, bound in _grades(chosen.bounds)),
                     _classification(Grade.NORMAL, False, band, notes))
 
-    def __call__(self, count: Count, band: AgeBand, lln_per_ul: float) -> Classification | Quarantine:
+    def grade(self, count: Count, band: AgeBand, lln_per_ul: float) -> Classification | Quarantine:
         exact = self._exact.get(band) if not count.comparator else None
         if exact is None:
             return classify(count, band, self.profile, self.thresholds, lln_per_ul)

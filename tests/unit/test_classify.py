@@ -552,7 +552,7 @@ NOTED = mappings.Thresholds(
        thresholds=st.sampled_from([THRESHOLDS, NOTED]))
 def test_property_the_grader_grades_as_classify_does(value, comparator, band, profile, lln, thresholds):
     count = Count(value, comparator)
-    assert Grader(profile, thresholds)(count, band, lln) == classify(count, band, profile, thresholds, lln)
+    assert Grader(profile, thresholds).grade(count, band, lln) == classify(count, band, profile, thresholds, lln)
 
 
 @settings(max_examples=300, deadline=None, database=None)
