@@ -566,6 +566,11 @@ def _fever_text(fever: Fever) -> str:
 
 def _minute(moment: datetime) -> str:
     """An ISO instant to the minute, in UTC: 2026-11-20T10:00Z."""
+    if type(moment) is datetime and moment.tzinfo is timezone.utc and moment.year >= 1000:
+        # A projection's time and a temperature's, nearly always UTC already: put together from the parts
+        # strftime would write (it took four times as long).
+        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}"
+                f"T{_TWO_DIGITS[moment.hour]}:{_TWO_DIGITS[moment.minute]}Z")
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 

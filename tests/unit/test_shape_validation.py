@@ -372,6 +372,13 @@ def test_a_checked_instant_is_the_instant_and_its_class_as_the_walk_finds_them(m
     assert writeback._checked_instant(moment) == (text, writeback._is_instant(text))
 
 
+@settings(max_examples=300, deadline=None, database=None)
+@given(_moments.filter(lambda moment: moment.tzinfo is not None))
+def test_a_minute_is_strftimes_in_utc(moment):
+    """_minute's fast path (a UTC moment) writes what strftime writes for it, in any zone."""
+    assert writeback._minute(moment) == moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+
+
 def test_a_flag_outside_its_built_shape_is_left_to_the_model(monkeypatch):
     [assessed] = episodes_of("p1", [("o1", 0, 420, "", timezone.utc)], [], [])
     output = writeback.Output(system_base=SYSTEM, profile="clinical")
