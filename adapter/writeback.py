@@ -403,7 +403,7 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
         "author": AUTHOR,
     }
     if not (type(identifier) is str and _is_text(identifier) and _is_text(text) and _is_text(subject)
-            and all(_is_text(d) for d in details) and start_in_class and end_in_class):
+            and all(map(_is_text, details)) and start_in_class and end_in_class):
         return body, None
     # output.system_base fixes meta, the identifier system and the grade coding (all built from it alone).
     built = (_BUILT_FLAG, output.system_base, grade, fever is not None, priority, len(details), end is not None)
@@ -412,6 +412,8 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
 
 def _context_references(assessed: AssessedCount, fever: Fever | None) -> list[str]:
     """The temperature Observations and the chemotherapy record the text names, each once."""
+    if fever is None and assessed.chemotherapy is None:
+        return []  # most counts: no context was found around them
     references = [f"Observation/{t.observation_id}" for t in fever.readings] if fever else []
     if assessed.chemotherapy is not None:
         references.append(assessed.chemotherapy.reference)
