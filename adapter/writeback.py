@@ -537,13 +537,15 @@ def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
 def _text(assessed: AssessedCount, fever: Fever | None) -> str:
     """code.text: the count as today, led by the fever when febrile, then the context facts the data
     shows (projection, chemotherapy, a site-marked threshold), joined with "; "."""
-    reading, result = assessed.graded
+    reading, result = assessed.reading, assessed.result
     label = f"At least {result.grade.label[0].lower()}{result.grade.label[1:]}" if result.at_least else result.grade.label
     text = f"{label}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
     if result.notes:
         text += f" ({'; '.join(result.notes)})"
     if fever is not None:
         text = f"Febrile neutropenia: {_fever_text(fever)} with {text[0].lower()}{text[1:]}"
+    if assessed.projection is None and assessed.chemotherapy is None and assessed.duffy_null_floor is None:
+        return text  # most counts: no context fact to add
     parts = [text]
     if assessed.projection is not None:
         parts.append(f"projected to fall below 500 cells/µL by {_minute(assessed.projection.below_by)}")
