@@ -708,8 +708,13 @@ class Run:
         previously = self._previously(patient_id)
         if not self._may_change(patient_id, previously):
             return []
-        evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
-        unread = frozenset(evidence - self.state.ledgered_ids(evidence))
+        # Most patients planned have nothing written before: no earlier evidence to look up (below), nothing
+        # to count as unchanged (after planning).
+        written_before = any(previously.values())
+        unread: frozenset[str] = frozenset()
+        if written_before:
+            evidence = {e for w in previously.get("Flag", []) for e in w.evidence}
+            unread = frozenset(evidence - self.state.ledgered_ids(evidence))
         # Read with the other patients of its chunk (_planned_parts), else here.
         stored = self._stored.pop(patient_id, None)
         if stored is None:
@@ -719,10 +724,11 @@ class Run:
             facts = self.state.context_facts(patient_id)
         assessment = assess.assess(stored, context_extract.context(facts), self.rules)
         mine = writeback.plan_patient(patient_id, assessment, previously, self.output, unread)
-        rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
-        self.summary.unchanged += sum(
-            (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
-        )
+        if written_before:
+            rewritten = {(p.resource_type, p.identifier) for p in mine if p.send}
+            self.summary.unchanged += sum(
+                (kind, w.identifier) not in rewritten for kind, items in previously.items() for w in items
+            )
         if not mine and patient_id in self._failing:  # nothing left to write: the failure is over
             self.state.clear_write_failure(patient_id)
             self._failing.discard(patient_id)

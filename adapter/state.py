@@ -261,7 +261,7 @@ class State:
     # plans no write), indexed by observation id when a plan first reads counts back. Bounded by what one
     # transaction records; dropped at its end.
     _graded_pending: list[tuple[tuple[tuple[Reading, Classification, str, str], ...], list[tuple[Any, ...]]]] | None = None
-    _graded_memo: dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification]]] | None = None
+    _graded_memo: dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification, str, str]]] | None = None
 
     def __init__(self, connection: sqlite3.Connection | state_pg.Connection):
         self.db = connection
@@ -591,29 +591,31 @@ class State:
         """readings() for many patients at once (each in no particular order): one statement per 500
         patients instead of one each, for planning a part of a batch."""
         found: dict[str, list[tuple[Reading, Classification]]] = {patient_id: [] for patient_id in patient_ids}
+        if not patient_ids:  # a part whose patients need no plan (all normal): leave the memo as it is
+            return found
         memo = self._recorded()
         for ids in _chunks(patient_ids):
             for row in self._tuples(_SELECT_READINGS + f" AND patient_id IN ({_marks(ids)})", ids):
                 # Written by this transaction and unchanged since (every column it is built from compares
-                # equal, so a later write of any kind, or a rollback, falls back to building it): the
-                # objects it was written from.
+                # equal, so a later write of any kind, or a rollback, falls back to building it), and
+                # built again exactly by the row: the objects it was written from. Checked here, for the
+                # rows read back, not for every row written (most are never read back).
                 recorded = memo.pop(row[0], None)
-                graded = recorded[1] if recorded is not None and recorded[0] == row else _reading_row(row)
-                found[graded[0].patient_id].append(graded)
+                if recorded is not None and recorded[0][:_READ_BACK] == row and _reads_back_alike(recorded[1][0]):
+                    graded = recorded[1][:2]
+                else:
+                    graded = _reading_row(row)
+                found[row[3]].append(graded)  # row[3]: the patient_id column
         return found
 
-    def _recorded(self) -> dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification]]]:
-        """The graded rows this transaction wrote and no plan read back yet, by observation id (a later
-        write of the same id replaces an earlier one, as in the table)."""
+    def _recorded(self) -> dict[str, tuple[tuple[Any, ...], tuple[Reading, Classification, str, str]]]:
+        """The graded rows this transaction wrote and no plan read back yet, each with what it was written
+        from, by observation id (a later write of the same id replaces an earlier one, as in the table)."""
         memo, pending = self._graded_memo, self._graded_pending
         if memo is None or pending is None:
             return {}
         for graded, rows in pending:
-            for (reading, result, _, _), row in zip(graded, rows):
-                if _reads_back_alike(reading):
-                    memo[row[0]] = (row[:_READ_BACK], (reading, result))
-                else:
-                    memo.pop(row[0], None)
+            memo.update(zip([row[0] for row in rows], zip(rows, graded)))
         pending.clear()
         return memo
 

@@ -377,8 +377,13 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
     episode, latest = assessed.episode, assessed.latest
     reading, result = latest.graded
     grade, fever, priority = result.grade, assessed.fever, assessed.priority
-    start, end = _instant(episode.start), episode.end
-    period = {"start": start} if end is None else {"start": start, "end": (end := _instant(end))}
+    (start, start_in_class), end = _checked_instant(episode.start), episode.end
+    end_in_class = True
+    if end is None:
+        period = {"start": start}
+    else:
+        end, end_in_class = _checked_instant(end)
+        period = {"start": start, "end": end}
     coding = [NEUTROPENIA, _grade_coding(grade, output)] if fever is None \
         else [NEUTROPENIA, _grade_coding(grade, output), FEBRILE_NEUTROPENIA]
     # The first flag-detail is the Observation behind the current grade (readers and adoption rely on
@@ -398,7 +403,7 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
         "author": AUTHOR,
     }
     if not (type(identifier) is str and _is_text(identifier) and _is_text(text) and _is_text(subject)
-            and all(_is_text(d) for d in details) and _is_instant(start) and (end is None or _is_instant(end))):
+            and all(map(_is_text, details)) and start_in_class and end_in_class):
         return body, None
     # output.system_base fixes meta, the identifier system and the grade coding (all built from it alone).
     built = (_BUILT_FLAG, output.system_base, grade, fever is not None, priority, len(details), end is not None)
@@ -407,6 +412,8 @@ def _flag(patient_id: str, identifier: str, assessed: AssessedEpisode,
 
 def _context_references(assessed: AssessedCount, fever: Fever | None) -> list[str]:
     """The temperature Observations and the chemotherapy record the text names, each once."""
+    if fever is None and assessed.chemotherapy is None:
+        return []  # most counts: no context was found around them
     references = [f"Observation/{t.observation_id}" for t in fever.readings] if fever else []
     if assessed.chemotherapy is not None:
         references.append(assessed.chemotherapy.reference)
@@ -445,11 +452,11 @@ def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount,
             "qualitativeRisk": {"coding": [{"system": RISK_PROBABILITY, "code": risk}]},
         }
     ]
-    occurrence = _instant(reading.effective)
+    occurrence, instants_in_class = _checked_instant(reading.effective)
     varying_texts = [identifier]
-    varying_instants = [occurrence]
     if assessed.projection is not None:
-        start, end = occurrence, _instant(reading.effective + timedelta(hours=48))
+        end, end_in_class = _checked_instant(reading.effective + timedelta(hours=48))
+        start, instants_in_class = occurrence, instants_in_class and end_in_class
         rationale = (f"Log-linear projection from the previous count (Observation/"
                      f"{assessed.projection.earlier_observation_id}) and this one: the same ratio "
                      f"per hour continues; below 500 cells/µL by {_minute(assessed.projection.below_by)}")
@@ -462,7 +469,6 @@ def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount,
             "rationale": rationale,
         })
         varying_texts.append(rationale)
-        varying_instants.append(end)
     text = _text(assessed, assessed.fever)
     subject = f"Patient/{patient_id}"
     basis = [f"Observation/{source}" for source in reading.evidence] + _context_references(assessed, assessed.fever)
@@ -478,7 +484,7 @@ def _risk_assessment(patient_id: str, identifier: str, assessed: AssessedCount,
         "prediction": predictions,
     }
     if not (type(identifier) is str and all(_is_text(t) for t in [*varying_texts, text, *references])
-            and all(_is_instant(i) for i in varying_instants)):
+            and instants_in_class):
         return body, None
     # output.system_base fixes meta, the identifier, outcome and method systems and the grade coding.
     built = (_BUILT_RISK_ASSESSMENT, output.system_base, output.profile, result.grade, risk,
@@ -531,13 +537,15 @@ def _grade_coding(grade: Grade, output: Output) -> dict[str, str]:
 def _text(assessed: AssessedCount, fever: Fever | None) -> str:
     """code.text: the count as today, led by the fever when febrile, then the context facts the data
     shows (projection, chemotherapy, a site-marked threshold), joined with "; "."""
-    reading, result = assessed.graded
+    reading, result = assessed.reading, assessed.result
     label = f"At least {result.grade.label[0].lower()}{result.grade.label[1:]}" if result.at_least else result.grade.label
     text = f"{label}: ANC {reading.count} cells/µL on {reading.effective.date().isoformat()}"
     if result.notes:
         text += f" ({'; '.join(result.notes)})"
     if fever is not None:
         text = f"Febrile neutropenia: {_fever_text(fever)} with {text[0].lower()}{text[1:]}"
+    if assessed.projection is None and assessed.chemotherapy is None and assessed.duffy_null_floor is None:
+        return text  # most counts: no context fact to add
     parts = [text]
     if assessed.projection is not None:
         parts.append(f"projected to fall below 500 cells/µL by {_minute(assessed.projection.below_by)}")
@@ -562,11 +570,33 @@ def _fever_text(fever: Fever) -> str:
 
 def _minute(moment: datetime) -> str:
     """An ISO instant to the minute, in UTC: 2026-11-20T10:00Z."""
+    if type(moment) is datetime and moment.tzinfo is timezone.utc and moment.year >= 1000:
+        # A projection's time and a temperature's, nearly always UTC already: put together from the parts
+        # strftime would write (it took four times as long).
+        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}"
+                f"T{_TWO_DIGITS[moment.hour]}:{_TWO_DIGITS[moment.minute]}Z")
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _instant(moment: Any) -> str:
     return moment.isoformat().replace("+00:00", "Z")
+
+
+def _checked_instant(moment: datetime) -> tuple[str, bool]:
+    """_instant(moment), and whether it is in the dateTime class of _shape (_is_instant): each Flag's period
+    and each RiskAssessment's occurrence, about a tenth of planning one. Nearly every count is a
+    whole-second UTC instant with a four-digit year, whose text is put together from its parts (isoformat
+    took twice as long) and is always in the class — every field of a real date and time is within the
+    pattern, and Python parses what isoformat writes — so it is not matched and parsed again. Any other
+    moment takes the general path. tests/unit/test_shape_validation.py checks that both agree."""
+    if type(moment) is datetime and moment.tzinfo is timezone.utc and not moment.microsecond and moment.year >= 1000:
+        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}"
+                f"T{_TWO_DIGITS[moment.hour]}:{_TWO_DIGITS[moment.minute]}:{_TWO_DIGITS[moment.second]}Z"), True
+    text = _instant(moment)
+    return text, _is_instant(text)
+
+
+_TWO_DIGITS = tuple(f"{number:02d}" for number in range(100))
 
 
 def _validated(resource_type: str, resource: dict[str, Any], built: tuple[Any, ...] | None = None) -> dict[str, Any]:

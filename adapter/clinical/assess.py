@@ -114,6 +114,7 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
     after_chemotherapy = rules.chemotherapy and bool(facts.chemotherapy)
     anc_below = rules.febrile_rules.anc_below
     counts = []
+    by_id: dict[str, AssessedCount] = {}
     any_fever = False
     for (reading, result), projected in zip(ordered, _projections(ordered, rules)):
         floor = None
@@ -126,8 +127,8 @@ def assess(readings: Iterable[Graded], facts: Context, rules: Rules) -> Assessme
         chemo = None
         if after_chemotherapy:
             chemo = context.chemotherapy(facts.chemotherapy, reading.effective, rules.chemotherapy_lookback)
-        counts.append(AssessedCount(reading, result, found, projected, chemo, floor))
-    by_id = {c.reading.observation_id: c for c in counts}
+        counts.append(assessed := AssessedCount(reading, result, found, projected, chemo, floor))
+        by_id[reading.observation_id] = assessed
     assessed = []
     # In time order already; a site-marked threshold may have changed a grade, and with it the episodes.
     graded = [c.graded for c in counts] if marked else ordered

@@ -128,7 +128,13 @@ def projection(counts: Iterable[tuple[str, datetime, float]], at: tuple[str, dat
     earlier = [c for c in counts if low_gap <= time - c[1] <= high_gap]
     if not earlier:
         return None
-    previous = max(earlier, key=lambda c: (c[1], c[0]))
+    return _projected(max(earlier, key=lambda c: (c[1], c[0])), at, rules)
+
+
+def _projected(previous: tuple[str, datetime, float], at: tuple[str, datetime, float],
+               rules: FebrileRules) -> Projection | None:
+    """projection() from `previous`, the most recent count in the gaps before `at`."""
+    observation_id, time, value = at
     if not 0 < value < previous[2]:
         return None
     hours = (time - previous[1]).total_seconds() / 3600
@@ -155,8 +161,10 @@ def projections(counts: list[tuple[str, datetime, float]], rules: FebrileRules) 
         while low < total and time - counts[low][1] > high_gap:
             low += 1
         # projection() answers None at once for a count already below the bound or with no earlier count in
-        # the window: most counts, so asked here without the call and its slice.
-        found.append(None if at[2] < below or high <= low else projection(counts[low:high], at, rules))
+        # the window: most counts, so asked here without the call. Else the window holds exactly the counts
+        # projection() would find in the gaps, in the order of its `max` (time, then id): the most recent
+        # is its last, taken without filtering and searching the window again.
+        found.append(None if at[2] < below or high <= low else _projected(counts[high - 1], at, rules))
     return found
 
 

@@ -357,6 +357,28 @@ def test_a_flags_built_shape_stands_for_its_walked_shape(patients):
                 assert walked_by_built.setdefault((built, status), walked) == walked
 
 
+_instant_zones = st.none() | st.just(timezone.utc) | st.builds(
+    timezone, st.timedeltas(min_value=timedelta(hours=-23, minutes=-59), max_value=timedelta(hours=23, minutes=59)))
+_moments = st.datetimes(timezones=_instant_zones)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(_moments | _moments.map(lambda moment: moment.replace(microsecond=0))
+       | st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(1100, 1, 1), timezones=st.just(timezone.utc)))
+def test_a_checked_instant_is_the_instant_and_its_class_as_the_walk_finds_them(moment):
+    """_checked_instant's fast path (a whole-second UTC instant) and its general path give the text
+    _instant writes and the class _is_instant finds for it: naive, offset, fractional and early moments."""
+    text = writeback._instant(moment)
+    assert writeback._checked_instant(moment) == (text, writeback._is_instant(text))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_moments.filter(lambda moment: moment.tzinfo is not None))
+def test_a_minute_is_strftimes_in_utc(moment):
+    """_minute's fast path (a UTC moment) writes what strftime writes for it, in any zone."""
+    assert writeback._minute(moment) == moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+
+
 def test_a_flag_outside_its_built_shape_is_left_to_the_model(monkeypatch):
     [assessed] = episodes_of("p1", [("o1", 0, 420, "", timezone.utc)], [], [])
     output = writeback.Output(system_base=SYSTEM, profile="clinical")
