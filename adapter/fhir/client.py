@@ -62,13 +62,28 @@ class RetryPolicy:
 class ConfiguredSession(requests.Session):
     """A Session whose TLS settings are the configured ones. requests lets $REQUESTS_CA_BUNDLE /
     $CURL_CA_BUNDLE override Session.verify (psf/requests#3829), silently replacing `verify = false` or a
-    hospital CA bundle; environment proxies are still honoured."""
+    hospital CA bundle; environment proxies are still honoured.
+
+    The environment's settings for a server are worked out once per session: requests scans the whole
+    environment twice for every request ($HTTPS_PROXY, $NO_PROXY and every other *_proxy), a tenth of a ms
+    each time, and the environment a process was started with does not change under it (cron, systemd, a
+    pod). What they depend on (the url's host and port, the arguments, the session's own settings) is the
+    key, so a different server or setting is worked out anew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment_settings: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
-        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        if verify is None:
-            settings["verify"] = self.verify
-        return settings
+        key = (urlsplit(url).netloc, tuple((proxies or {}).items()), stream, verify, cert,
+               tuple(self.proxies.items()), self.stream, self.verify, self.cert, self.trust_env)
+        settings = self._environment_settings.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None:
+                settings["verify"] = self.verify
+            self._environment_settings[key] = settings
+        return {**settings, "proxies": settings["proxies"].copy()}  # the caller's to change
 
 
 def session(verify: bool | str = True, cert: str | tuple[str, str] | None = None) -> requests.Session:
