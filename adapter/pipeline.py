@@ -80,6 +80,8 @@ class ServerSink:
     def _parts(self, planned: list[writeback.Planned]) -> list[list[writeback.Planned]]:
         """Split only between patients: one patient's writes (closing one Flag, opening the next) must
         land together, or a failure between parts would leave two active Flags on the server."""
+        if len(planned) <= self.writes_per_bundle:
+            return [planned] if planned else []  # what the run plans a part at a time mostly fits in one
         parts: list[list[writeback.Planned]] = [[]]
         for _, group in itertools.groupby(planned, key=lambda p: p.patient_id):
             writes = list(group)

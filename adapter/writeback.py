@@ -269,8 +269,13 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
     """One transaction (or batch) per page; each entry an idempotent PUT (see Output.request).
     A batch is not atomic: if any entry fails, `accepted` raises, state keeps nothing of the page, and
     the next run repeats the entries that did succeed, harmlessly."""
-    entries = []
-    envelopes = []  # each entry without its resource
+    entries: list[dict[str, Any]] = []
+    # Each resource was validated when planned; the envelopes (type, fullUrl, request) are validated below, one
+    # of each form (`_envelope_form`): validating all 500 took about 10 ms a bundle. Every envelope here has
+    # the same keys, a fullUrl that is a urn:uuid (a plain uri) and the method PUT, so its form is fixed by
+    # its request url alone: keyed by that url's class, instead of walking each envelope for its form
+    # (two µs a write), the same envelopes are picked (tests/unit/test_shape_validation.py).
+    forms: dict[Any, dict[str, Any]] = {}
     for p in planned:
         if p.server_id:  # we know its id: a plain update, no search, whatever the server says it supports
             url, resource_id = f"{p.resource_type}/{p.server_id}", p.server_id
@@ -278,25 +283,26 @@ def transaction(planned: Iterable[Planned], output: Output) -> dict[str, Any]:
             url, resource_id = output.request(p.resource_type, p.identifier)
         resource = {**p.resource, "id": resource_id} if resource_id else p.resource
         full_url = f"urn:uuid:{_uuid_like(p.resource_type, p.identifier)}"
-        request = {"method": "PUT", "url": url}
-        entries.append({"fullUrl": full_url, "resource": resource, "request": request})
-        envelopes.append({"fullUrl": full_url, "request": request})
+        _add_entry(entries, forms, full_url, resource, url)
         if output.provenance:
             # The target is the entry's fullUrl unless we know the id: the server resolves it inside the
             # transaction (a batch-only server needs ids we know; cli refuses provenance without either).
             target = f"{p.resource_type}/{resource_id}" if resource_id else full_url
             provenance = _provenance(p, target, output)
-            full_url = f"urn:uuid:{_uuid_like('Provenance', provenance['id'])}"
-            request = {"method": "PUT", "url": f"Provenance/{provenance['id']}"}
-            entries.append({"fullUrl": full_url, "resource": provenance, "request": request})
-            envelopes.append({"fullUrl": full_url, "request": request})
-    # Each resource was validated when planned; validate the envelopes (type, fullUrl, request) here, one of
-    # each form (`_envelope_form`): validating all 500 took about 10 ms a bundle.
-    forms: dict[Any, dict[str, Any]] = {}
-    for envelope in envelopes:
-        forms.setdefault(_envelope_form(envelope), envelope)
+            _add_entry(entries, forms, f"urn:uuid:{_uuid_like('Provenance', provenance['id'])}", provenance,
+                       f"Provenance/{provenance['id']}")
     Bundle.model_validate({"resourceType": "Bundle", "type": output.bundle_type, "entry": list(forms.values())})
     return {"resourceType": "Bundle", "type": output.bundle_type, "entry": entries}
+
+
+def _add_entry(entries: list[dict[str, Any]], forms: dict[Any, dict[str, Any]], full_url: str,
+               resource: dict[str, Any], url: str) -> None:
+    """A PUT of `resource` to `url`; its envelope kept in `forms` when it is the first of its form."""
+    request = {"method": "PUT", "url": url}
+    entries.append({"fullUrl": full_url, "resource": resource, "request": request})
+    form = _URI if _PLAIN_URI.fullmatch(url) else url  # = _envelope_form's, given the fullUrl is plain
+    if form not in forms:
+        forms[form] = {"fullUrl": full_url, "request": request}
 
 
 # A class of uris each of which the R4B model accepts: printable ASCII without white space (within the uri

@@ -292,6 +292,42 @@ def test_a_transaction_validates_one_envelope_of_each_form(monkeypatch):
     assert seen[-1] == 1
 
 
+uri_parts = st.sampled_from(["p1", "o-1.x", "a/b", "a b", "é", "x\ty", "|", "", "%20", "\x7f"])
+
+
+def _with_bundle_model(model, planned, output):
+    real = writeback.Bundle
+    writeback.Bundle = model
+    try:
+        return writeback.transaction(planned, output)
+    finally:
+        writeback.Bundle = real
+
+
+@settings(max_examples=150)
+@given(st.lists(st.tuples(uri_parts, uri_parts, st.one_of(st.none(), uri_parts)), min_size=1, max_size=6),
+       st.booleans(), st.sampled_from(["https://h.example/anc", "https://h.example/a b"]), st.booleans())
+def test_transaction_validates_the_envelopes_a_walk_of_each_picks(writes, provenance, base, client_ids):
+    """transaction keys an envelope's form by its url alone; walking every envelope (_envelope_form), as it
+    did before, picks the same envelopes in the same order, whatever the ids in the urls."""
+    validated = []
+
+    class Capturing:
+        @staticmethod
+        def model_validate(bundle):
+            validated.append(bundle["entry"])
+
+    output = writeback.Output(system_base=base, profile="clinical", provenance=provenance,
+                              write_modes=(("Flag", "client-id"),) if client_ids else ())
+    planned = [dataclasses.replace(planned_flag(n), identifier=f"{a}/{b}", server_id=server_id)
+               for n, (a, b, server_id) in enumerate(writes)]
+    walked: dict = {}
+    for entry in _with_bundle_model(Capturing, planned, output)["entry"]:
+        envelope = {k: v for k, v in entry.items() if k != "resource"}
+        walked.setdefault(writeback._envelope_form(envelope), envelope)
+    assert validated == [list(walked.values())]
+
+
 def test_an_envelope_outside_the_plain_form_is_validated_itself():
     odd = [planned_flag(n) for n in range(3)]
     odd[1] = dataclasses.replace(odd[1], identifier="p1/o 1")  # a space in the conditional url
