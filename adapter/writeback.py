@@ -25,7 +25,7 @@ from adapter.clinical.assess import (
 from adapter.clinical.context import Fever, days_before, shown_celsius
 from adapter.clinical.episodes import Episode
 from adapter.errors import PermanentHttpError
-from adapter.extract import is_fhir_id
+from adapter.extract import is_fhir_id, utc_text
 from adapter.model import Grade
 from adapter.state import Written
 
@@ -576,12 +576,9 @@ def _fever_text(fever: Fever) -> str:
 
 def _minute(moment: datetime) -> str:
     """An ISO instant to the minute, in UTC: 2026-11-20T10:00Z."""
-    if type(moment) is datetime and moment.tzinfo is timezone.utc and moment.year >= 1000:
-        # A projection's time and a temperature's, nearly always UTC already: put together from the parts
-        # strftime would write (it took four times as long).
-        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}"
-                f"T{_TWO_DIGITS[moment.hour]}:{_TWO_DIGITS[moment.minute]}Z")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    # A projection's time and a temperature's are nearly always UTC already (strftime took four times as long).
+    text = utc_text(moment, seconds=False)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ") if text is None else text + "Z"
 
 
 def _instant(moment: Any) -> str:
@@ -595,14 +592,11 @@ def _checked_instant(moment: datetime) -> tuple[str, bool]:
     took twice as long) and is always in the class — every field of a real date and time is within the
     pattern, and Python parses what isoformat writes — so it is not matched and parsed again. Any other
     moment takes the general path. tests/unit/test_shape_validation.py checks that both agree."""
-    if type(moment) is datetime and moment.tzinfo is timezone.utc and not moment.microsecond and moment.year >= 1000:
-        return (f"{moment.year}-{_TWO_DIGITS[moment.month]}-{_TWO_DIGITS[moment.day]}"
-                f"T{_TWO_DIGITS[moment.hour]}:{_TWO_DIGITS[moment.minute]}:{_TWO_DIGITS[moment.second]}Z"), True
+    text = utc_text(moment)
+    if text is not None:
+        return text + "Z", True
     text = _instant(moment)
     return text, _is_instant(text)
-
-
-_TWO_DIGITS = tuple(f"{number:02d}" for number in range(100))
 
 
 def _validated(resource_type: str, resource: dict[str, Any], built: tuple[Any, ...] | None = None) -> dict[str, Any]:
