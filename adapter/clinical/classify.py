@@ -78,18 +78,15 @@ def classify(
     lln_per_ul: float,
 ) -> Classification | Quarantine:
     """Grade one count. `lln_per_ul` is only used by the ctcae-v5 profile (grade 1 below the LLN)."""
-    notes: tuple[str, ...] = ()
     if profile == "ctcae-v5":
         grades = _ctcae_band(thresholds.ctcae, lln_per_ul)
         normal = Grade.CTCAE_0
+        notes = _notes("", band)
     else:
         chosen = _table(band, thresholds)
         grades = _grades(chosen.bounds)
         normal = Grade.NORMAL
-        if chosen.note:
-            notes = (chosen.note,)
-    if band is AgeBand.UNKNOWN:
-        notes += (AGE_UNKNOWN_NOTE,)
+        notes = _notes(chosen.note, band)
     graded = _grade_range(count, grades, normal)
     if isinstance(graded, Quarantine):
         return graded
@@ -110,8 +107,7 @@ class Grader:
         if profile != "ctcae-v5":
             for band in AgeBand:
                 chosen = _table(band, thresholds)
-                notes = ((chosen.note,) if chosen.note else ()) + (
-                    (AGE_UNKNOWN_NOTE,) if band is AgeBand.UNKNOWN else ())  # as classify() gives them
+                notes = _notes(chosen.note, band)
                 self._exact[band] = (
                     tuple((bound, _classification(grade, False, band, notes))
                           for grade, bound in _grades(chosen.bounds)),
@@ -127,6 +123,11 @@ class Grader:
             if value < bound:
                 return result
         return normal
+
+
+def _notes(table_note: str, band: AgeBand) -> tuple[str, ...]:
+    """A grade's notes: its table's own, then, for an unknown age, that the adult table was used."""
+    return ((table_note,) if table_note else ()) + ((AGE_UNKNOWN_NOTE,) if band is AgeBand.UNKNOWN else ())
 
 
 @functools.lru_cache(maxsize=256)
