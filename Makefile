@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/breakdown.py --n 10000
 	$(BIN)/python bench/bulk.py compare --n 10000
 	$(BIN)/python bench/bulk.py memory --sizes 10000 50000
 
