@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -130,9 +131,7 @@ def adapter_in_process(db: Path, workdir: Path, page_size: int) -> float:
     copy = workdir / "server.sqlite3"
     bench.copy_database(db, copy)
     with bench.sekmet_process(database=str(copy)) as (base_url, _):
-        config = workdir / "adapter.toml"
-        config.write_text(f'[fhir]\nbase_url = "{base_url}"\npage_size = {page_size}\ntimeout_s = 600\n'
-                          f'[state]\npath = "{workdir / "state.sqlite3"}"\n')
+        config = bench.adapter_config(base_url, workdir, page_size)
         started = time.process_time()
         code = cli.main(["run", "--config", str(config), "--log-format", "json", "--log-level", "ERROR"])
         spent = time.process_time() - started
@@ -172,8 +171,6 @@ def ledger_rows(n: int, without_rowid: bool) -> float:
     """CPU to write n ledger rows alone, in one transaction, with the adapter's own statement into a new
     state file (its schema, WAL, synchronous=FULL), the observations table as it is or as a WITHOUT ROWID
     table: whether a leaner table would make the ledger cheaper."""
-    import re
-
     from adapter import state as state_module
     rows = [(f"bo{i}", "1", "final", f"bp{i // 4}", "classified", "2026-11-01T06:00:00+00:00", 1234.5, "", None,
              "mild", 0, "adult", "[]", "[]", "2026-11-26T12:00:00.000+00:00", "2026-11-26T11:00:00.000Z")
@@ -181,9 +178,8 @@ def ledger_rows(n: int, without_rowid: bool) -> float:
     with tempfile.TemporaryDirectory(prefix="anc-ledger-") as tmp:
         state = state_module.State.open(Path(tmp) / "state.sqlite3")
         if without_rowid:
-            table = re.search(r"CREATE TABLE IF NOT EXISTS observations \(.*?\n\);", state_module._SCHEMA, re.S).group(0)
             state.db.execute("DROP TABLE observations")
-            state.db.execute(table[:-1] + " WITHOUT ROWID")
+            state.db.execute(without_rowid_ledger())
             state.db.execute("CREATE INDEX observations_patient ON observations (patient_id, outcome)")
         started = time.process_time()
         with state.transaction():
@@ -191,6 +187,13 @@ def ledger_rows(n: int, without_rowid: bool) -> float:
         spent = time.process_time() - started
         state.db.close()
     return spent
+
+
+def without_rowid_ledger() -> str:
+    """The state's own CREATE TABLE of the ledger, as a WITHOUT ROWID table."""
+    from adapter import state as state_module
+    table = re.search(r"CREATE TABLE IF NOT EXISTS observations \(.*?\n\)(?=;)", state_module._SCHEMA, re.S)
+    return table.group(0) + " WITHOUT ROWID"
 
 
 def one(db: Path, startup_db: Path, page_size: int, timed: bool) -> dict:
@@ -223,7 +226,7 @@ def main() -> None:
         if not startup_db.exists():
             bench.load(startup_db, bench.STARTUP_OBSERVATIONS)
         plain, timed = [], []
-        for attempt in range(args.repeat):  # alternated, so both see the machine alike
+        for _ in range(args.repeat):  # alternated, so both see the machine alike
             plain.append(one(db, startup_db, args.page_size, timed=False))
             timed.append(one(db, startup_db, args.page_size, timed=True))
     per = 1e6 / (args.n - bench.STARTUP_OBSERVATIONS)  # the start-up run's counts are subtracted too

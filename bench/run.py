@@ -202,11 +202,17 @@ def least_work(db: Path, page_size: int, flags: list[dict]) -> dict:
     return bare
 
 
-def adapter_run(base_url: str, workdir: Path, page_size: int, batch: int = 0) -> dict:
+def adapter_config(base_url: str, workdir: Path, page_size: int, batch: int = 0) -> Path:
+    """The adapter's configuration for a benchmark run: default settings but the page size (and batch)."""
     config = workdir / "adapter.toml"
     config.write_text(f'[fhir]\nbase_url = "{base_url}"\npage_size = {page_size}\ntimeout_s = 600\n'
                       + (f'[poll]\nbatch_observations = {batch}\n' if batch else '')
                       + f'[state]\npath = "{workdir / "state.sqlite3"}"\n')
+    return config
+
+
+def adapter_run(base_url: str, workdir: Path, page_size: int, batch: int = 0) -> dict:
+    config = adapter_config(base_url, workdir, page_size, batch)
     result = run_child([sys.executable, "-m", "adapter", "run", "--config", str(config), "--log-format", "json"])
     summaries = [json.loads(l) for l in result["stderr"].splitlines() if '"run-summary"' in l]
     if result["exit"] != 0 or not summaries:

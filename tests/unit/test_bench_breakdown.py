@@ -1,11 +1,14 @@
 """bench/breakdown.py: its stages still name functions the adapter calls, and each stage's CPU is its own."""
 
 import inspect
+import sqlite3
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import breakdown  # noqa: E402
+
+from adapter import state  # noqa: E402
 
 
 def test_every_stage_names_a_plain_function_of_the_adapter():
@@ -60,3 +63,15 @@ def test_a_stage_that_raises_is_still_charged():
     except ValueError:
         pass
     assert timers.spent == {"failing": 5.0}
+
+
+def test_the_ledger_rows_are_written_in_both_table_forms():
+    # The WITHOUT ROWID form is cut from the state's own schema: a change there must not break it silently.
+    db = sqlite3.connect(":memory:")
+    db.execute(breakdown.without_rowid_ledger())
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'observations'").fetchone()
+    assert sql.endswith("WITHOUT ROWID")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(observations)")]
+    assert columns == list(state._CLASSIFIED_COLUMNS)  # every column the adapter's statement writes
+    for without_rowid in (False, True):
+        assert breakdown.ledger_rows(50, without_rowid) > 0
